@@ -1,0 +1,1 @@
+"""Hallo compatible video: face / landmark encoding, speech features, video diffusion sampler."""

@@ -1,0 +1,84 @@
+"""What every node module shares: the pack's custom types, progress with Cancel, error wording, model folders and
+ComfyUI's memory management. Node modules stay thin by leaning on this file."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..narrate_model.errors import NarrateInputError
+
+CATEGORY = "Narrate"
+
+# Custom types: model handles and embeddings only, always NFY_-prefixed; everything else flows as a core type.
+XTTS = io.Custom("NFY_XTTS")
+HALLO = io.Custom("NFY_HALLO")
+WAV2VEC = io.Custom("NFY_WAV2VEC")
+ENTANGLER = io.Custom("NFY_ENTANGLER")
+VOICE = io.Custom("NFY_VOICE")
+FACE = io.Custom("NFY_FACE")
+TOKENS = io.Custom("NFY_TOKENS")
+SPEECH_LATENTS = io.Custom("NFY_SPEECH_LATENTS")
+AUDIO_FEATURES = io.Custom("NFY_AUDIO_FEATURES")
+
+# Where each kind of weight lives under ComfyUI's models/ folder (names as folder_paths knows them).
+MODEL_FOLDERS = {
+    "narrate_xtts": "narrate/xtts",  # one sub-folder per XTTS checkpoint: config.json, model.pth, vocab.json
+    "narrate_hallo": "narrate/hallo",  # net.pth (or .safetensors)
+    "narrate_motion_module": "narrate/motion_module",  # mm_sd_v15_v2.ckpt
+    "narrate_wav2vec2": "narrate/wav2vec2",  # one sub-folder per model, e.g. wav2vec2-base-960h/
+    "narrate_face_analysis": "narrate/face_analysis",  # face_landmarker.task, antelopev2 glintr100.onnx
+    "narrate_entangle": "narrate/entangle",  # NFY entanglement transformers
+}
+
+
+def register_model_folders() -> None:
+    """Adds the pack's model folders to folder_paths (models/narrate/...), creating nothing on disk."""
+    for name, rel in MODEL_FOLDERS.items():
+        path = os.path.join(folder_paths.models_dir, *rel.split("/"))
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([path], set())
+        elif path not in folder_paths.folder_names_and_paths[name][0]:
+            folder_paths.folder_names_and_paths[name][0].append(path)
+
+
+def model_folder(name: str) -> str:
+    """The first (default) folder for a kind of weight, for messages that say where a file goes."""
+    return folder_paths.get_folder_paths(name)[0]
+
+
+def progress_bar(total: int):
+    """A library progress callback: advances ComfyUI's bar and raises if the user pressed Cancel."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def progress(done: int, total_now: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total_now)
+
+    return progress
+
+
+@contextlib.contextmanager
+def input_errors(node_name: str):
+    """Re-raises library input errors with the node's name in front, so the user knows where to look."""
+    try:
+        yield
+    except NarrateInputError as e:
+        raise ValueError(f"{node_name}: {e}") from e
+
+
+def patcher(module, size: int = 0):
+    """Wraps a torch module so ComfyUI can load it to the GPU, offload it, and free it with the rest."""
+    return comfy.model_patcher.ModelPatcher(
+        module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=size)
+
+
+def load_to_device(model_patcher):
+    """Asks ComfyUI's model management for room and moves the model onto the compute device."""
+    mm.load_models_gpu([model_patcher])
+    return model_patcher.model
