@@ -27,7 +27,7 @@ def samples() -> dict:
     return json.loads((MEDIA / "samples.json").read_text())
 
 
-def test_env(name: str) -> str | None:
+def recorded_path(name: str) -> str | None:
     """A path the installer recorded in .venv/nfy-test.env (COMFYUI_DIR, NFY_FACE_LANDMARKER); the environment wins."""
     import os
     if os.environ.get(name):
@@ -43,6 +43,6 @@ def test_env(name: str) -> str | None:
 
 @pytest.fixture(scope="session")
 def face_landmarker_task() -> Path:
-    path = test_env("NFY_FACE_LANDMARKER")
+    path = recorded_path("NFY_FACE_LANDMARKER")
     assert path and Path(path).exists(), "run tests/install.sh: it fetches MediaPipe's face_landmarker.task"
     return Path(path)
