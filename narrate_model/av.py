@@ -116,10 +116,11 @@ class Mp4Writer:
             frame.time_base = 1 / self.fps
             self.container.mux(self.video.encode(frame))
             self.frames_written += 1
-        self._add_audio_until(samples_for_frames(self.frames_written, getattr(self, "sample_rate", 1), self.fps))
+        if self.audio is not None:
+            self._add_audio_until(samples_for_frames(self.frames_written, self.sample_rate, self.fps))
 
     def _add_audio_until(self, end: int) -> None:
-        if self.audio is None or end <= self.audio_written:
+        if end <= self.audio_written:
             return
         chunk = np.ascontiguousarray(self.audio[:, self.audio_written:end])
         frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.audio_stream.layout.name)
@@ -145,14 +146,14 @@ class Mp4Writer:
 
 def write_mp4(path: str, frames: Union[torch.Tensor, Iterable[torch.Tensor]], fps: FpsLike,
               audio: torch.Tensor | None = None, sample_rate: int | None = None, total_frames: int | None = None,
-              chunk: int = 16, progress: ProgressFn = None) -> str:
+              chunk: int = 16, crf: int = 19, progress: ProgressFn = None) -> str:
     """Muxes IMAGE frames (one tensor, or an iterable of chunks for streaming) and [C, T] audio into `path`."""
     if isinstance(frames, torch.Tensor):
-        total_frames = frames.shape[0]
-        frames = (frames[i:i + chunk] for i in range(0, total_frames, chunk))
+        total_frames, batch = frames.shape[0], frames
+        frames = (batch[i:i + chunk] for i in range(0, total_frames, chunk))
     if not total_frames:
         raise NarrateInputError("images", "there are no frames to write.")
-    with Mp4Writer(path, fps, audio, sample_rate, total_frames) as writer:
+    with Mp4Writer(path, fps, audio, sample_rate, total_frames, crf) as writer:
         for part in frames:
             writer.add_frames(part)
             report(progress, writer.frames_written, total_frames)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 MEDIA = SHARED / "media"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers: comfy_server, ...
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +48,26 @@ def face_landmarker_task() -> Path:
     path = recorded_path("NFY_FACE_LANDMARKER")
     assert path and Path(path).exists(), "run tests/install.sh: it fetches MediaPipe's face_landmarker.task"
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """The real ComfyUI server with this pack installed, for the whole test session."""
+    from comfy_server import ComfyServer
+
+    comfyui_dir = recorded_path("COMFYUI_DIR")
+    assert comfyui_dir and (Path(comfyui_dir) / "main.py").exists(), \
+        "no ComfyUI found: run tests/install.sh (or set COMFYUI_DIR to a ComfyUI checkout)"
+    server = ComfyServer(Path(comfyui_dir), REPO, tmp_path_factory.mktemp("comfy_base")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def comfy(comfy_server):
+    """A client of the real server; fails the test if the server died during it."""
+    from comfy_server import ComfyClient
+
+    client = ComfyClient(comfy_server.url)
+    yield client
+    assert comfy_server.alive(), f"the server died:\n{comfy_server.log()[-4000:]}"

@@ -1,0 +1,15 @@
+"""The pack's ComfyUI nodes: one module per stage, each a thin layer over narrate_model."""
+from comfy_api.latest import ComfyExtension, io
+
+from .common import register_model_folders
+from .mux import AVMux
+
+NODES: list[type[io.ComfyNode]] = [AVMux]
+
+
+class NarrateExtension(ComfyExtension):
+    def __init__(self):
+        register_model_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,87 @@
+"""The timeline and the .mp4 muxer: exact frame rates, audio fitted to the frames, streams that players accept,
+and partial output kept when encoding stops early."""
+from fractions import Fraction
+
+import av as pyav
+import pytest
+import torch
+
+from narrate_model import av
+from narrate_model.errors import NarrateInputError
+
+
+def probe(path):
+    with pyav.open(str(path)) as c:
+        v = c.streams.video[0]
+        a = c.streams.audio[0] if c.streams.audio else None
+        return {"frames": sum(1 for _ in c.decode(video=0)), "rate": v.average_rate, "size": (v.width, v.height),
+                "video_s": float(v.duration * v.time_base), "codec": v.codec_context.name,
+                "audio_s": float(a.duration * a.time_base) if a else None,
+                "audio_codec": a.codec_context.name if a else None, "channels": a.channels if a else None}
+
+
+def test_fps_is_kept_exact():
+    assert av.exact_fps(25.0) == 25
+    assert av.exact_fps("30000/1001") == Fraction(30000, 1001)
+    assert av.exact_fps(30000 / 1001) == Fraction(30000, 1001)
+    assert av.exact_fps(29.97) == Fraction(2997, 100)
+    with pytest.raises(NarrateInputError, match="fps"):
+        av.exact_fps(0)
+
+
+def test_frame_count_is_ceil_of_seconds_times_fps():
+    assert av.frame_count(24000, 24000, 25) == 25
+    assert av.frame_count(24001, 24000, 25) == 26
+    assert av.frame_count(48000 * 10, 48000, "30000/1001") == 300  # 299.7 -> 300
+    assert av.samples_for_frames(300, 48000, "30000/1001") == 480480
+
+
+def test_audio_is_padded_or_trimmed_to_the_frames():
+    wav = torch.ones(2, 1000)
+    assert av.fit_audio(wav, 1000, 25, 25).shape == (2, 1000)
+    assert av.fit_audio(wav, 1000, 10, 25).shape == (2, 400)
+    padded = av.fit_audio(wav, 1000, 50, 25)
+    assert padded.shape == (2, 2000) and padded[:, 1000:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("fps, channels", [(25, 1), ("30000/1001", 2)])
+def test_mp4_has_h264_and_aac_with_durations_within_a_frame(tmp_path, fps, channels):
+    frames = torch.rand(37, 64, 96, 3)
+    wav = 0.3 * torch.sin(torch.arange(24000 * 2) / 7.0).repeat(channels, 1)  # 2 s of audio for ~1.5 s of video
+    out = av.write_mp4(str(tmp_path / "a.mp4"), frames, fps, wav, 24000, chunk=8)
+    info = probe(out)
+    assert info["codec"] == "h264" and info["audio_codec"] == "aac" and info["channels"] == channels
+    assert info["frames"] == 37 and info["rate"] == av.exact_fps(fps)
+    assert abs(info["video_s"] - info["audio_s"]) <= 1 / float(av.exact_fps(fps))
+
+
+def test_odd_sizes_greyscale_and_silent_video(tmp_path):
+    info = probe(av.write_mp4(str(tmp_path / "b.mp4"), torch.rand(5, 33, 47, 1), 25))
+    assert info["frames"] == 5 and info["size"] == (48, 34) and info["audio_s"] is None
+
+
+def test_streamed_chunks_and_progress(tmp_path):
+    seen = []
+    chunks = (torch.rand(4, 32, 32, 3) for _ in range(5))
+    av.write_mp4(str(tmp_path / "c.mp4"), chunks, 25, total_frames=20, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(4, 20), (8, 20), (12, 20), (16, 20), (20, 20)]
+    assert probe(tmp_path / "c.mp4")["frames"] == 20
+
+
+def test_cancel_keeps_a_playable_partial_file_and_no_final_one(tmp_path):
+    class Cancelled(Exception):
+        pass
+
+    def cancel_at_8(done, total):
+        if done >= 8:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        av.write_mp4(str(tmp_path / "d.mp4"), torch.rand(20, 32, 32, 3), 25, chunk=4, progress=cancel_at_8)
+    assert not (tmp_path / "d.mp4").exists()
+    assert probe(tmp_path / "d.partial.mp4")["frames"] == 8
+
+
+def test_no_frames_is_a_clear_error(tmp_path):
+    with pytest.raises(NarrateInputError, match="images"):
+        av.write_mp4(str(tmp_path / "e.mp4"), torch.rand(0, 32, 32, 3), 25)
