@@ -1,0 +1,259 @@
+"""The XTTS-v2 GPT: text + voice conditioning -> audio codes (the "spectrogram synthesizer") and vocoder latents.
+
+A GPT-2 decoder over the sequence `[cond_latent (32) | text | audio codes]`. Text ids are framed as
+`[start_text] + ids + [stop_text]`, audio codes start with `start_audio` (1024); every part carries its own learned
+position embedding (GPT-2's `wpe` is unused upstream, positions restart at 0 for text and for audio). The latent the
+vocoder consumes for code i is `final_norm` of the last hidden state at the input that predicted code i.
+
+State-dict keys are the checkpoint's `gpt.*` keys without the `gpt.` prefix (GPT-2 `Conv1D` weights stay [in, out]).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NarrateInputError
+from ..progress import ProgressFn, report
+from .conditioning import ConditioningEncoder, PerceiverResampler
+from .config import XttsConfig
+from .sampling import SamplingParams, choose, process_scores
+
+PROGRESS_BLOCK = 16  # codes per progress report (and Cancel check)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer, weight stored [in, out] as in the checkpoint."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class KVCache:
+    """Preallocated keys/values of every layer, [layers, B, heads, capacity, head_dim]; `length` positions filled."""
+
+    def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int, like: torch.Tensor):
+        shape = (layers, batch, heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=like.dtype, device=like.device)
+        self.v = torch.empty(shape, dtype=like.dtype, device=like.device)
+        self.length = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new positions of one layer; returns all keys/values so far (views, no copy)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.c_attn = Conv1D(dim, 3 * dim)
+        self.c_proj = Conv1D(dim, dim)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        first = cache is None or cache.length == 0
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)
+        if not first and t > 1:
+            raise ValueError("KV-cached steps feed one position at a time")
+        # Causal mask only over a fresh sequence; a single cached step may see every earlier position.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=first and t > 1)
+        return self.c_proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = Conv1D(dim, 4 * dim)
+        self.c_proj = Conv1D(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm GPT-2 block."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = SelfAttention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = MLP(dim)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Stack(nn.Module):
+    """GPT-2 without token and position embeddings (upstream deletes `wte` and zeroes `wpe`): keys `h.N.*`, `ln_f`."""
+
+    def __init__(self, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.ln_f(x)
+
+
+class LearnedPositions(nn.Module):
+    """Upstream's `LearnedPositionEmbeddings` (key `emb.weight`): rows start..start+n."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.emb = nn.Embedding(rows, dim)
+
+    def forward(self, start: int, n: int) -> torch.Tensor:
+        return self.emb.weight[start:start + n]
+
+
+@dataclass
+class GenerationResult:
+    """codes: [1, N] generated audio codes, stop token excluded.
+    latents: [1, M, C] what the vocoder consumes: one latent per generated token — N, plus the one that predicted the
+    stop token when it was emitted (upstream's second pass runs over the codes *including* 1025) — then resampled
+    to length M = floor((N + stopped) / speed) when speed != 1.
+    stopped: whether the stop token ended generation (False: max_new_tokens was reached).
+    step_logits / step_scores: [steps, V] raw next-code logits and the processed scores the code was chosen from
+    (only with `record_scores=True`)."""
+
+    codes: torch.Tensor
+    latents: torch.Tensor
+    stopped: bool
+    step_logits: Optional[torch.Tensor] = None
+    step_scores: Optional[torch.Tensor] = None
+
+
+def apply_speed(latents: torch.Tensor, speed: float) -> torch.Tensor:
+    """Upstream's speed control: linear resampling of the latents [B,T,C] by 1/speed before the vocoder."""
+    length_scale = 1.0 / max(speed, 0.05)  # upstream clamps the speed at 0.05
+    if length_scale == 1.0:
+        return latents
+    return F.interpolate(latents.transpose(1, 2), scale_factor=length_scale, mode="linear").transpose(1, 2)
+
+
+class XttsGPT(nn.Module):
+    def __init__(self, cfg: XttsConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.gpt_n_model_channels
+        self.heads = cfg.gpt_n_heads
+        self.conditioning_encoder = ConditioningEncoder(cfg)
+        self.conditioning_perceiver = PerceiverResampler(cfg)
+        self.text_embedding = nn.Embedding(cfg.gpt_number_text_tokens, dim)
+        self.mel_embedding = nn.Embedding(cfg.gpt_num_audio_tokens, dim)
+        self.gpt = GPT2Stack(dim, cfg.gpt_layers, cfg.gpt_n_heads)
+        self.mel_pos_embedding = LearnedPositions(cfg.max_mel_tokens, dim)
+        self.text_pos_embedding = LearnedPositions(cfg.max_text_tokens, dim)
+        self.final_norm = nn.LayerNorm(dim)
+        self.text_head = nn.Linear(dim, cfg.gpt_number_text_tokens)
+        self.mel_head = nn.Linear(dim, cfg.gpt_num_audio_tokens)
+
+    # --- embeddings ---
+    def prefix_embeddings(self, text_ids: torch.Tensor, cond_latent: torch.Tensor) -> torch.Tensor:
+        """[cond_latent | embed([start_text] + ids + [stop_text])] -> [B, 32 + Tt + 2, C]."""
+        cfg = self.cfg
+        limit = cfg.gpt_max_text_tokens
+        if text_ids.shape[1] >= limit:
+            raise NarrateInputError("text", f"{text_ids.shape[1]} text tokens; XTTS reads fewer than {limit} per "
+                                            "sentence. Split the text into shorter sentences.")
+        text = F.pad(F.pad(text_ids, (1, 0), value=cfg.gpt_start_text_token), (0, 1), value=cfg.gpt_stop_text_token)
+        text_emb = self.text_embedding(text) + self.text_pos_embedding(0, text.shape[1])
+        return torch.cat([cond_latent.to(text_emb.dtype), text_emb], dim=1)
+
+    def mel_embeddings(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Audio codes [B,T] at audio positions start.. -> [B,T,C]."""
+        return self.mel_embedding(codes) + self.mel_pos_embedding(start, codes.shape[1])
+
+    # --- teacher-forced pass ---
+    def forward_latents(self, text_ids: torch.Tensor, cond_latent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Latents [B,N,C] for given codes [B,N]: latent i is the state that predicts code i (`return_latent`).
+
+        Upstream pads the codes to N+5 inputs ([start] + codes + stop padding) and drops the last 5 outputs
+        (`sub = -5` in eval mode); the pass is causal, so only the first N inputs [start] + codes[:-1] matter."""
+        if codes.shape[1] > self.cfg.max_mel_tokens:
+            raise NarrateInputError("codes", f"{codes.shape[1]} codes; at most {self.cfg.max_mel_tokens} fit.")
+        prefix = self.prefix_embeddings(text_ids, cond_latent)
+        mel_in = F.pad(codes[:, :-1], (1, 0), value=self.cfg.gpt_start_audio_token)
+        h = self.gpt(torch.cat([prefix, self.mel_embeddings(mel_in)], dim=1))
+        return self.final_norm(h[:, prefix.shape[1]:])
+
+    def mel_logits(self, latents: torch.Tensor) -> torch.Tensor:
+        """Next-code logits [B,N,V] from latents [B,N,C]."""
+        return self.mel_head(latents)
+
+    # --- generation ---
+    @torch.no_grad()
+    def generate(self, text_ids: torch.Tensor, cond_latent: torch.Tensor, params: SamplingParams = SamplingParams(),
+                 progress: ProgressFn = None, record_scores: bool = False) -> GenerationResult:
+        """Autoregressive codes for one sentence (batch 1) with a KV cache, plus the vocoder latents.
+
+        The latents are collected during generation (the same states upstream's second teacher-forced pass
+        recomputes), so no second pass is run."""
+        params.validate()
+        cfg = self.cfg
+        if text_ids.shape[0] != 1 or cond_latent.shape[0] != 1:
+            raise ValueError("generate() takes one sentence (batch 1)")
+        max_new = params.max_new_tokens or cfg.max_gen_mel_tokens
+        if max_new > cfg.max_gen_mel_tokens:
+            raise NarrateInputError("max_new_tokens", f"{max_new} exceeds the model's limit of "
+                                                      f"{cfg.max_gen_mel_tokens} codes per sentence.")
+        prefix = self.prefix_embeddings(text_ids, cond_latent)
+        device, vocab = prefix.device, cfg.gpt_num_audio_tokens
+        cache = KVCache(cfg.gpt_layers, 1, self.heads, prefix.shape[1] + max_new, prefix.shape[2] // self.heads,
+                        prefix)
+        generator = torch.Generator(device=device).manual_seed(int(params.seed))
+        # Upstream quirk: HF generate() sees fake prompt ids [1]*len(prefix) + [start_audio], so its repetition
+        # penalty hits ids 1 and 1024 from the first step on.
+        seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+        seen[0, [1, cfg.gpt_start_audio_token]] = True
+
+        latents = prefix.new_empty(1, max_new, prefix.shape[2])
+        codes = torch.empty(1, max_new, dtype=torch.long, device=device)
+        logs = [] if record_scores else None
+        start = torch.full((1, 1), cfg.gpt_start_audio_token, dtype=torch.long, device=device)
+        x = torch.cat([prefix, self.mel_embeddings(start)], dim=1)
+        stopped, steps = False, 0
+        while steps < max_new:
+            latent = self.final_norm(self.gpt(x, cache)[:, -1])
+            latents[:, steps] = latent
+            logits = self.mel_head(latent)
+            scores = process_scores(logits, seen, params)
+            code = choose(scores, params, generator)
+            if logs is not None:
+                logs.append((logits.float(), scores))
+            steps += 1
+            if code.item() == cfg.gpt_stop_audio_token:
+                stopped = True
+                break
+            codes[:, steps - 1] = code
+            seen[0, code] = True
+            x = self.mel_embeddings(code[:, None], steps)
+            if steps % PROGRESS_BLOCK == 0:
+                report(progress, steps, max_new)
+        report(progress, max_new, max_new)
+
+        result = GenerationResult(codes=codes[:, :steps - stopped], latents=apply_speed(latents[:, :steps],
+                                                                                       params.speed),
+                                  stopped=stopped)
+        if logs is not None:
+            result.step_logits = torch.cat([l for l, _ in logs])
+            result.step_scores = torch.cat([s for _, s in logs])
+        return result
