@@ -1,15 +1,46 @@
-"""Hallo audio side: wav2vec2 speech features and audio tokens vs io_audio."""
+"""Hallo audio side: wav2vec2 speech features and audio tokens vs io_audio (atol/rtol 1e-4)."""
 import json
+import shutil
 
+import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES
+from narrate_model.errors import CheckpointError, NarrateInputError
+from narrate_model.hallo.audio import (
+    AudioFeatures, encoder_layer_states, frame_aligned_cnn_features, frame_count, frame_windows, load_wav2vec,
+    normalize, pad_to_clips, speech_features)
 from narrate_model.hallo.projections import AudioProjModel
 
 HALLO = FIXTURES / "hallo"
 TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def write_wav2vec_folder(folder, weights=None, **config_changes):
+    """The tiny wav2vec2 as a transformers folder in wav2vec2-base-960h layout (config, weights, extractor)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((HALLO / "tiny_wav2vec2_config.json").read_text())
+    extractor = config.pop("_feature_extractor")
+    config = {k: v for k, v in config.items() if not k.startswith("_")} | config_changes
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "preprocessor_config.json").write_text(json.dumps(extractor))
+    if weights is None:
+        shutil.copy(HALLO / "tiny_wav2vec2.safetensors", folder / "model.safetensors")
+    else:
+        save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def io():
+    return load_file(HALLO / "io_audio.safetensors")
+
+
+@pytest.fixture(scope="module")
+def wav2vec(tmp_path_factory):
+    return load_wav2vec(write_wav2vec_folder(tmp_path_factory.mktemp("wav2vec2")))
 
 
 def tiny_audioproj() -> AudioProjModel:
@@ -30,9 +61,62 @@ def test_full_size_audioproj_keys_match_net_pth():
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected
 
 
-def test_audio_tokens_per_clip_from_stored_windows():
-    io = load_file(HALLO / "io_audio.safetensors")
-    windows = io["audio_emb_windowed"]
+def test_each_preprocessing_step_matches_hallo(io, wav2vec):
+    normalized = normalize(io["wave_16k"])
+    torch.testing.assert_close(normalized, io["input_values_normalized"], **TOL)
+    num_frames = frame_count(io["wave_16k"].shape[0], 25)
+    assert num_frames == int(io["audio_length"]) == 50
+    padded, frames = pad_to_clips(normalized, num_frames, 25, 16)
+    assert frames == 64
+    torch.testing.assert_close(padded[None], io["input_values_padded"], **TOL)
+    with torch.no_grad():
+        inputs = io["input_values_padded"]
+        torch.testing.assert_close(wav2vec.feature_extractor(inputs), io["cnn_features"], **TOL)
+        features = frame_aligned_cnn_features(wav2vec, inputs, frames)
+        torch.testing.assert_close(features, io["interpolated_features"], **TOL)
+        torch.testing.assert_close(encoder_layer_states(wav2vec, features), io["audio_emb"], **TOL)
+    torch.testing.assert_close(frame_windows(io["audio_emb"]), io["audio_emb_windowed"], atol=0, rtol=0)
+
+
+def test_speech_features_and_audio_tokens_end_to_end(io, wav2vec):
+    calls = []
+    result = speech_features(wav2vec, io["wave_16k"][None], 16000, fps=25, clip_length=16,
+                             progress=lambda done, total: calls.append((done, total)))
+    assert isinstance(result, AudioFeatures)
+    assert (result.num_frames, result.seconds, result.fps) == (50, 2.0, 25)
+    assert calls == [(1, 2), (2, 2)]
+    torch.testing.assert_close(result.windows, io["audio_emb_windowed"], **TOL)
+    windows = result.windows
     with torch.no_grad():
         tokens = tiny_audioproj()(windows.reshape(-1, 16, *windows.shape[1:]))
     torch.testing.assert_close(tokens, io["audio_tokens_per_clip"], **TOL)
+
+
+def test_any_rate_and_channel_count(io, wav2vec):
+    mono = speech_features(wav2vec, io["wave_16k"][None], 16000)
+    stereo = speech_features(wav2vec, io["wave_16k"][None].repeat(2, 1), 16000)
+    torch.testing.assert_close(stereo.windows, mono.windows, atol=1e-6, rtol=0)
+    # 1.3 s at 44.1 kHz stereo, at 30 fps: ceil(1.3 * 30) = 39 frames kept, padded to 3 clips of 16
+    wave = torch.randn(2, int(1.3 * 44100), generator=torch.Generator().manual_seed(0)) * 0.1
+    result = speech_features(wav2vec, wave, 44100, fps=30)
+    assert result.num_frames == 39 and result.windows.shape == (48, 5, 2, 32)
+    assert abs(result.seconds - 1.3) < 1e-4 and torch.isfinite(result.windows).all()
+
+
+def test_empty_audio_is_a_user_error(wav2vec):
+    with pytest.raises(NarrateInputError, match="audio"):
+        speech_features(wav2vec, torch.zeros(1, 0), 16000)
+
+
+def test_wrong_folders_fail_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_wav2vec(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="not wav2vec2"):
+        load_wav2vec(write_wav2vec_folder(tmp_path / "bert", model_type="bert"))
+    weights = load_file(HALLO / "tiny_wav2vec2.safetensors")
+    del weights["wav2vec2.feature_projection.projection.weight"]
+    weights["wav2vec2.stray.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="1 missing .*feature_projection.projection.weight.*1 unexpected"):
+        load_wav2vec(write_wav2vec_folder(tmp_path / "partial", weights))
+    with pytest.raises(CheckpointError):
+        load_wav2vec(write_wav2vec_folder(tmp_path / "wider", hidden_size=48, num_attention_heads=2))
