@@ -82,3 +82,29 @@ def load_to_device(model_patcher):
     """Asks ComfyUI's model management for room and moves the model onto the compute device."""
     mm.load_models_gpu([model_patcher])
     return model_patcher.model
+
+
+def checkpoint_choices(folder_name: str, marker: str | None = None, default: str | None = None) -> list[str]:
+    """What a loader's dropdown offers: files under the folder, or (with `marker`) the sub-folders that hold that
+    file. The expected default stays listed even when absent, so a graph loads and the loader can say what to fetch."""
+    try:
+        files = folder_paths.get_filename_list(folder_name)
+    except KeyError:
+        files = []
+    if marker:
+        found = {os.path.dirname(f) for f in files if os.path.basename(f) == marker and os.path.dirname(f)}
+    else:
+        found = set(files)
+    return sorted(found | ({default} if default else set()))
+
+
+def locate_checkpoint(node_name: str, folder_name: str, choice: str, marker: str | None = None,
+                      how_to_get: str = "") -> str:
+    """The full path of a dropdown choice; if it is not on disk, an error that says what goes where."""
+    for base in folder_paths.get_folder_paths(folder_name):
+        path = os.path.join(base, choice)
+        if os.path.exists(os.path.join(path, marker) if marker else path):
+            return path
+    where = os.path.join(model_folder(folder_name), choice)
+    what = f"{where}{os.sep}{marker}" if marker else where
+    raise ValueError(f"{node_name}: input 'checkpoint': {what} is missing. {how_to_get}".strip())
