@@ -158,3 +158,13 @@ def write_mp4(path: str, frames: Union[torch.Tensor, Iterable[torch.Tensor]], fp
             writer.add_frames(part)
             report(progress, writer.frames_written, total_frames)
     return path
+
+
+def stream_latents_to_mp4(path: str, latents: torch.Tensor, decode, fps: FpsLike, audio: torch.Tensor | None = None,
+                          sample_rate: int | None = None, chunk: int = 8, crf: int = 19,
+                          progress: ProgressFn = None) -> str:
+    """Decodes video latents [F, C, h, w] `chunk` frames at a time with `decode` (latents -> IMAGE [n,H,W,3]) and
+    encodes each decoded chunk straight into the .mp4, so only one chunk of pixels is ever held in memory."""
+    total = latents.shape[0]
+    decoded = (decode(latents[i:i + chunk]) for i in range(0, total, chunk))
+    return write_mp4(path, decoded, fps, audio, sample_rate, total_frames=total, crf=crf, progress=progress)

@@ -85,3 +85,19 @@ def test_cancel_keeps_a_playable_partial_file_and_no_final_one(tmp_path):
 def test_no_frames_is_a_clear_error(tmp_path):
     with pytest.raises(NarrateInputError, match="images"):
         av.write_mp4(str(tmp_path / "e.mp4"), torch.rand(0, 32, 32, 3), 25)
+
+
+def test_streaming_decodes_chunk_by_chunk(tmp_path):
+    latents = torch.rand(21, 4, 8, 8)
+    calls = []
+
+    def decode(x):
+        calls.append(x.shape[0])
+        return x[:, :3].permute(0, 2, 3, 1).repeat_interleave(4, 1).repeat_interleave(4, 2)
+
+    wav = torch.zeros(1, 16000)
+    av.stream_latents_to_mp4(str(tmp_path / "s.mp4"), latents, decode, 25, wav, 16000, chunk=8)
+    assert calls == [8, 8, 5]
+    info = probe(tmp_path / "s.mp4")
+    assert info["frames"] == 21 and info["size"] == (32, 32)
+    assert abs(info["video_s"] - info["audio_s"]) <= 1 / 25
