@@ -202,12 +202,13 @@ class XttsGPT(nn.Module):
 
     # --- generation ---
     @torch.no_grad()
-    def generate(self, text_ids: torch.Tensor, cond_latent: torch.Tensor, params: SamplingParams = SamplingParams(),
+    def generate(self, text_ids: torch.Tensor, cond_latent: torch.Tensor, params: Optional[SamplingParams] = None,
                  progress: ProgressFn = None, record_scores: bool = False) -> GenerationResult:
         """Autoregressive codes for one sentence (batch 1) with a KV cache, plus the vocoder latents.
 
         The latents are collected during generation (the same states upstream's second teacher-forced pass
         recomputes), so no second pass is run."""
+        params = params or SamplingParams()
         params.validate()
         cfg = self.cfg
         if text_ids.shape[0] != 1 or cond_latent.shape[0] != 1:
@@ -251,9 +252,8 @@ class XttsGPT(nn.Module):
                 report(progress, steps, max_new)
         report(progress, max_new, max_new)
 
-        result = GenerationResult(codes=codes[:, :steps - stopped], latents=apply_speed(latents[:, :steps],
-                                                                                       params.speed),
-                                  stopped=stopped)
+        n_codes = steps - 1 if stopped else steps
+        result = GenerationResult(codes[:, :n_codes], apply_speed(latents[:, :steps], params.speed), stopped)
         if logs is not None:
             result.step_logits = torch.cat([l for l, _ in logs])
             result.step_scores = torch.cat([s for _, s in logs])
