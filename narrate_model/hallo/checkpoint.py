@@ -1,0 +1,83 @@
+"""Loading Hallo's `net.pth` (or a safetensors copy) into `HalloNet`, strictly.
+
+`net.pth` holds every weight of the Net, the trained AnimateDiff motion modules included (Hallo's inference.py
+builds the denoising UNet from SD1.5 + `mm_sd_v15_v2.ckpt` and then overwrites all of it with a strict
+`net.load_state_dict(torch.load("net.pth"))`). A separate motion-module file is therefore optional: when given,
+it only fills motion-module keys the net file lacks (AnimateDiff key names, e.g.
+`down_blocks.0.motion_modules.0.temporal_transformer...`), and net.pth wins where both have a key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import CheckpointError
+from .net import HalloNet
+
+PathLike = Union[str, Path]
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """A flat tensor dict from .safetensors, or from .pth/.pt/.ckpt read with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable pickle, or one that needs arbitrary code: refuse either way
+        raise CheckpointError(f"{path.name} is not a loadable PyTorch checkpoint ({exc})") from exc
+    for wrapper in ("state_dict", "module"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name} holds a {type(data).__name__}, not a state dict")
+    return data
+
+
+def _few(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise CheckpointError naming missing / unexpected / mis-shaped keys (a few of each, with counts)."""
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    misshaped = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+                 for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k])]
+    if not (missing or unexpected or misshaped):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
+    if misshaped:
+        parts.append(f"{len(misshaped)} mis-shaped key(s): {'; '.join(misshaped[:5])}")
+    raise CheckpointError(f"{what} does not match Hallo's Net layout: " + "; ".join(parts)
+                          + ". Use Hallo's net.pth (fudan-generative-ai/hallo, hallo/net.pth).")
+
+
+def motion_module_state(path: PathLike) -> dict[str, torch.Tensor]:
+    """AnimateDiff motion-module weights under the Net's `denoising_unet.` prefix."""
+    return {f"denoising_unet.{k}": v for k, v in read_state_dict(path).items() if ".motion_modules." in k}
+
+
+def load_net(net: HalloNet, path: PathLike, motion_module_path: Optional[PathLike] = None,
+             dtype: Optional[torch.dtype] = None) -> HalloNet:
+    """Load the Net's weights strictly; a net built on the meta device gets the loaded tensors assigned."""
+    state = read_state_dict(path)
+    if motion_module_path is not None:
+        state = {**motion_module_state(motion_module_path), **state}
+    expected = {k: v.shape for k, v in net.state_dict().items()}
+    check_state_dict(expected, state, Path(path).name)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    on_meta = any(p.is_meta for p in net.parameters())
+    net.load_state_dict(state, strict=True, assign=on_meta)
+    return net
