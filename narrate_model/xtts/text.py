@@ -52,12 +52,17 @@ def _warn_if_long(text: str, lang: str) -> None:
 
 
 def clean_text(text: str, lang: str) -> str:
-    """Upstream ``preprocess_text``: the text exactly as the BPE sees it, before the language tag."""
+    """Upstream ``preprocess_text``: the text exactly as the BPE sees it, before the language tag.
+
+    Hindi goes through the multilingual cleaners as in coqui-tts 0.28 (older coqui-ai/TTS only lower-cased it).
+    """
     base = _base_language(lang)
     if base == "ja":
         return _romaji(text).lower()
     text = text.replace('"', "")
-    if base == "tr":  # Turkish capitals whose default lower() is wrong (İ -> i + combining dot)
+    # Turkish capitals whose default lower() is wrong ("İ" -> "i" + U+0307). Quirk kept: the inference path has
+    # already lower-cased the text, so there this never fires and the combining dot reaches the BPE.
+    if base == "tr":
         text = text.replace("İ", "i").replace("Ö", "ö").replace("Ü", "ü")
     text = text.lower()
     text = expand_numbers(text, base)
@@ -98,7 +103,7 @@ def _hangul_romanize(text: str) -> str:
 @functools.cache
 def _cutlet():
     import cutlet
-    return cutlet.Cutlet()  # loads the UniDic dictionary once: slow to build, cheap to reuse
+    return cutlet.Cutlet()  # builds its MeCab tagger over UniDic once
 
 
 def _romaji(text: str) -> str:
