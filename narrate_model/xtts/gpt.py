@@ -192,7 +192,7 @@ class XttsGPT(nn.Module):
         if codes.shape[1] > self.cfg.max_mel_tokens:
             raise NarrateInputError("codes", f"{codes.shape[1]} codes; at most {self.cfg.max_mel_tokens} fit.")
         prefix = self.prefix_embeddings(text_ids, cond_latent)
-        mel_in = F.pad(codes[:, :-1], (1, 0), value=self.cfg.gpt_start_audio_token)
+        mel_in = F.pad(codes, (1, 0), value=self.cfg.gpt_start_audio_token)[:, :codes.shape[1]]
         h = self.gpt(torch.cat([prefix, self.mel_embeddings(mel_in)], dim=1))
         return self.final_norm(h[:, prefix.shape[1]:])
 
