@@ -139,6 +139,8 @@ def gpt_cond_latents(gpt_or_pair, wav_22050: torch.Tensor, mel_stats: torch.Tens
     Keeps the first `length_s` seconds (all if <= 0), cuts it into `chunk_s` chunks, skips chunks under 0.33 s, and
     averages the chunks' style embeddings. Equal-length chunks run as one batch.
     """
+    if chunk_s <= 0:
+        raise ValueError(f"chunk_s must be positive, got {chunk_s}")
     encoder, perceiver = _modules(gpt_or_pair)
     wav = wav_22050.reshape(1, -1) if wav_22050.dim() == 1 else wav_22050
     if length_s > 0:
