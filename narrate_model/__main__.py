@@ -1,0 +1,102 @@
+"""Command line for the pack's weights: `python -m narrate_model list | download NAME... | convert FILE.pth`.
+
+Run it from the ComfyUI folder (the default models folder is ./models) or pass --models-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .fetch import DownloadError, fetch
+from .weights import BUNDLES, LICENCES, convert_to_safetensors, licence_notice, local_path, resolve, status
+
+
+def _size(n) -> str:
+    return "?" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def _progress_printer(label: str):
+    shown = [-1]
+
+    def show(done: int, total: int) -> None:
+        percent = done * 100 // total if total else 100
+        if percent != shown[0]:
+            shown[0] = percent
+            print(f"\r{label}: {percent:3d}% of {_size(total)}", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_list(args) -> int:
+    listed = [entry for entries in BUNDLES.values() for entry in entries]
+    rows = {row.entry.key: row for row in status(args.models_dir, listed, rehash=args.verify)}
+    for bundle, entries in BUNDLES.items():
+        print(bundle)
+        for entry in entries:
+            row = rows[entry.key]
+            state = ("missing" if not row.present else
+                     {True: "verified", False: "CHECKSUM MISMATCH", None: "present"}[row.verified])
+            extra = "" if entry.required else "  (optional)"
+            if entry.sha256 is None and entry.published:
+                extra += "  (no known checksum: place by hand)"
+            print(f"  {entry.key:<56} {_size(entry.size):>11}  {state}{extra}\n"
+                  f"      -> {local_path(entry, args.models_dir)}")
+        for lic in dict.fromkeys(LICENCES[e.licence] for e in entries):
+            print(f"  licence: {lic.name}: {lic.line}" + (f" ({lic.url})" if lic.url else ""))
+        print()
+    return 0
+
+
+def cmd_download(args) -> int:
+    entries = resolve(args.names, include_optional=args.all)
+    for notice in dict.fromkeys(licence_notice(e) for e in entries):
+        print("Licence:", notice, file=sys.stderr)
+    try:
+        paths = fetch(entries, args.models_dir, progress=_progress_printer("downloading"),
+                      offline=True if args.offline else None)
+    except DownloadError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 1
+    print(file=sys.stderr)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    for name in args.files:
+        print(convert_to_safetensors(Path(name)))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m narrate_model", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = dict(type=Path, default=Path("models"), help="ComfyUI's models folder (default: ./models)")
+
+    p = sub.add_parser("list", help="every known checkpoint, where it goes and whether it is present")
+    p.add_argument("--models-dir", **models)
+    p.add_argument("--verify", action="store_true", help="hash present files not hashed before (slow)")
+    p.set_defaults(run=cmd_list)
+
+    p = sub.add_parser("download", help="fetch checkpoints, pinned and verified (bundle or file names)")
+    p.add_argument("names", nargs="+", metavar="NAME", help="e.g. " + " ".join(BUNDLES))
+    p.add_argument("--models-dir", **models)
+    p.add_argument("--offline", action="store_true", help="use only what is present (as HF_HUB_OFFLINE=1)")
+    p.add_argument("--all", action="store_true", help="include the optional files of each bundle")
+    p.set_defaults(run=cmd_download)
+
+    p = sub.add_parser("convert", help="write a .safetensors copy of .pth/.ckpt checkpoints")
+    p.add_argument("files", nargs="+", metavar="FILE.pth")
+    p.set_defaults(run=cmd_convert)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyError as exc:
+        parser.error(exc.args[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
