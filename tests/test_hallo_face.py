@@ -221,3 +221,27 @@ def test_identity_without_model_or_onnxruntime_falls_back_with_a_note(io_masks, 
     assert identity_embedding(rgb, io_masks["landmarks"].numpy(), None, notes) is None
     assert identity_embedding(rgb, io_masks["landmarks"].numpy(), tmp_path / "glintr100.onnx", notes) is None
     assert len(notes) == 2 and all("unconditional" in note and "onnxruntime" in note for note in notes)
+
+
+def test_identity_through_onnxruntime(io_masks, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is an optional dependency (face identity only)")
+    onnx = pytest.importorskip("onnx", reason="building a stand-in recognition model needs the onnx package")
+    from onnx import TensorProto, helper, numpy_helper
+
+    # A stand-in for glintr100.onnx with its interface: [1,3,112,112] float -> [1,512]
+    weight = np.random.default_rng(0).normal(0, 0.01, (3 * 112 * 112, 512)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input.1"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["683"])],
+        "arcface_stand_in", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 112, 112])],
+        [helper.make_tensor_value_info("683", TensorProto.FLOAT, [1, 512])], [numpy_helper.from_array(weight, "w")])
+    model_path = tmp_path / "glintr100.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(model_path))
+
+    landmarks = io_masks["landmarks"].numpy()
+    rgb = np.array(Image.open(MEDIA / "images" / "man.jpg").convert("RGB"))
+    notes = []
+    embedding = identity_embedding(rgb, landmarks, model_path, notes)
+    blob = (align_face(rgb, landmarks).astype(np.float32) - 127.5) / 127.5
+    expected = blob.transpose(2, 0, 1).reshape(1, -1) @ weight
+    assert notes == [] and embedding.shape == (512,)
+    np.testing.assert_allclose(embedding.numpy(), expected[0], atol=1e-4, rtol=1e-4)

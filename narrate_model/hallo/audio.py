@@ -50,13 +50,14 @@ def load_wav2vec(folder: str | Path):
     if config.get("model_type") != "wav2vec2":
         raise CheckpointError(f"{folder} holds a '{config.get('model_type')}' model, not wav2vec2; {hint}")
     try:
-        model, info = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+        model, info = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+                                                    ignore_mismatched_sizes=True)  # reported below, by name
     except (OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"cannot load the wav2vec2 model in {folder}: {error}; {hint}") from error
     unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(IGNORED_KEY_PREFIXES))
-    problems = [(name, sorted(map(str, keys))) for name, keys in
-                (("missing", info["missing_keys"]), ("unexpected", unexpected),
-                 ("mis-shaped", info.get("mismatched_keys", ())))]
+    mis_shaped = [f"{key} {tuple(stored)} vs {tuple(wanted)}" for key, stored, wanted in info["mismatched_keys"]]
+    problems = [(name, sorted(keys)) for name, keys in
+                (("missing", info["missing_keys"]), ("unexpected", unexpected), ("mis-shaped", mis_shaped))]
     problems = [f"{len(keys)} {name} (e.g. {', '.join(keys[:4])})" for name, keys in problems if keys]
     if problems:
         raise CheckpointError(f"the wav2vec2 weights in {folder} do not match its config: {'; '.join(problems)}")
