@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import CheckpointError, NarrateInputError
+from .identity import identity_embedding
 
 SIZE = 512
 LIP_IDS = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 146, 91, 181, 84, 17, 314, 405, 321, 375]
@@ -61,7 +62,7 @@ class FaceEncoding:
     lip_box: tuple[int, int, int, int]
     face_locator_input: torch.Tensor  # [3, 512, 512] in {0, 1}
     masks: dict[str, dict[int, torch.Tensor]]  # {"full" | "face" | "lip": {64, 32, 16, 8: [1, HW]}}
-    identity: torch.Tensor | None  # [512] raw ArcFace embedding, or None (see notes)
+    identity: torch.Tensor | None  # [512] raw ArcFace embedding; None: use zeros, Hallo's own no-face fallback
     faces_found: int
     notes: list[str] = field(default_factory=list)
     crop: tuple[int, int, int] = (0, 0, 0)  # (x, y, side) of the square taken from the input image
@@ -231,8 +232,6 @@ def encode_face(image: torch.Tensor, landmarker_path: str | Path,
 
     masks = masks_from_landmarks(landmarks, SIZE)
     pixels = torch.from_numpy(crop.copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
-    from .identity import identity_embedding
-
     identity = identity_embedding(crop, landmarks, identity_model_path, notes)
     return FaceEncoding(pixels=pixels, landmarks=landmarks, face_box=masks.face_box, lip_box=masks.lip_box,
                         face_locator_input=masks.face_locator_input, masks=masks.masks, identity=identity,
