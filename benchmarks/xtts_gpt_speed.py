@@ -6,13 +6,16 @@ Greedy decoding with the upstream default repetition penalty; the stop token is 
 are generated. Prints the prefill time (prompt pass) and the mean time per code over the whole generate() call.
 """
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from narrate_model.xtts.config import XttsConfig
-from narrate_model.xtts.gpt import XttsGPT
-from narrate_model.xtts.sampling import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo root holds narrate_model
+from narrate_model.xtts.config import XttsConfig  # noqa: E402
+from narrate_model.xtts.gpt import XttsGPT  # noqa: E402
+from narrate_model.xtts.sampling import SamplingParams  # noqa: E402
 
 
 def main() -> None:
