@@ -76,9 +76,10 @@ def fetch(entry_or_name: EntryLike, models_dir, progress: ProgressFn = None, off
     offline = is_offline(offline)
     todo, unavailable = [], []
     for entry in entries:
-        path = local_path(entry, models_dir)
-        if not force and path.is_file() and verify(entry, models_dir) is not False:
-            continue  # verified, or no checksum to hold it to: a file the user placed is theirs to vouch for
+        # Verified, or without a checksum to hold it to (a file the user placed is theirs to vouch for).
+        usable = local_path(entry, models_dir).is_file() and verify(entry, models_dir) is not False
+        if usable and (offline or not force or entry.sha256 is None):
+            continue
         if offline or entry.sha256 is None or not entry.published:
             unavailable.append(entry)
         else:
@@ -86,7 +87,7 @@ def fetch(entry_or_name: EntryLike, models_dir, progress: ProgressFn = None, off
     if unavailable:
         why = ("Offline mode (HF_HUB_OFFLINE or offline=True): these files are missing or fail their checksum"
                if offline else "These files cannot be downloaded automatically")
-        raise MissingWeightsError(why + ":", [_unavailable_message(e, models_dir, offline) for e in unavailable])
+        raise MissingWeightsError(why + ":", [_unavailable_message(e, models_dir) for e in unavailable])
     counter = _Progress(progress, sum(_expected_size(e, models_dir) for e in todo))
     for entry in todo:
         _download(entry, models_dir, counter)
@@ -94,7 +95,7 @@ def fetch(entry_or_name: EntryLike, models_dir, progress: ProgressFn = None, off
     return [local_path(entry, models_dir) for entry in entries]
 
 
-def _unavailable_message(entry: WeightFile, models_dir, offline: bool) -> str:
+def _unavailable_message(entry: WeightFile, models_dir) -> str:
     path = local_path(entry, models_dir)
     note = ""
     if path.is_file() and entry.sha256 is not None:
@@ -137,13 +138,27 @@ def _download(entry: WeightFile, models_dir, counter: _Progress) -> Path:
     part = _part_path(dest)
     if part.is_file() and entry.size is not None and part.stat().st_size > entry.size:
         part.unlink()  # not a prefix of this file
+    resumed = part.is_file() and part.stat().st_size > 0
     _check_space(dest, entry.size, part)
+    _receive(entry, models_dir, part, counter)
+    try:
+        return _install(entry, models_dir, part, dest)
+    except ChecksumError:
+        if not resumed:
+            raise
+    # The .part left by an earlier run was not the start of this file (say, of an older revision): once more, whole.
+    _receive(entry, models_dir, part, counter)
+    return _install(entry, models_dir, part, dest)
+
+
+def _receive(entry: WeightFile, models_dir, part: Path, counter: _Progress) -> None:
+    """Bring `part` to the full file, resuming after dropped connections."""
     url = source_url(entry)
     delay = RETRY_DELAY
     for attempt in range(1, ATTEMPTS + 1):
         try:
             if _transfer(url, entry, part, counter):
-                break
+                return
             error = "the connection closed before the whole file arrived"
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout) as exc:
             if isinstance(exc, urllib.error.HTTPError) and exc.code not in (408, 429, 500, 502, 503, 504):
@@ -156,7 +171,6 @@ def _download(entry: WeightFile, models_dir, counter: _Progress) -> Path:
                                 f"kept in {part} and the next attempt resumes from it.")
         time.sleep(delay)
         delay *= 2
-    return _install(entry, models_dir, part, dest)
 
 
 def _transfer(url: str, entry: WeightFile, part: Path, counter: _Progress) -> bool:

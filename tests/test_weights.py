@@ -150,6 +150,16 @@ def test_part_file_from_an_interrupted_run_is_resumed(hub, tmp_path):
     assert [g.range for g in content_gets(hub, data)] == ["bytes=30000-"]
 
 
+def test_part_file_of_another_file_is_discarded_and_downloaded_whole(hub, tmp_path):
+    data = blob(40_000, 13)
+    entry = serve(hub, "stale.bin", data)
+    part = local_path(entry, tmp_path).with_name("stale.bin.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(blob(10_000, 14))  # left by a download of some other revision
+    assert fetch(entry, tmp_path)[0].read_bytes() == data
+    assert [g.range for g in content_gets(hub, data)] == ["bytes=10000-", None]
+
+
 def test_checksum_mismatch_is_refused_and_the_file_in_place_is_kept(hub, tmp_path):
     data = blob(50_000, 5)
     entry = serve(hub, "model.bin", data)
