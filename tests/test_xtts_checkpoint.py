@@ -217,5 +217,22 @@ def test_missing_files_say_where_they_go(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json.*models/narrate/xtts/XTTS-v2/"):
         load_xtts(folder)
     shutil.copy(XTTS / "small_config.json", folder / "config.json")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*models/narrate/xtts/XTTS-v2/"):
+    with pytest.raises(CheckpointError, match=r"model\.pth.*models/narrate/xtts/XTTS-v2/"):
         load_xtts(folder)
+
+
+def test_loaded_model_end_to_end_voice_and_vocoder(loaded):
+    """The loaded XttsModel through the public entry points: voice profile from the 22.05 kHz clip, and the
+    vocoder on the GPT latents of upstream's real inference call (io_generate)."""
+    from narrate_model.xtts.voice import encode_voice
+    model, _ = loaded
+    cond = load_file(str(XTTS / "io_conditioning.safetensors"))
+    speaker = load_file(str(XTTS / "io_speaker.safetensors"))
+    voice = encode_voice(model, [(cond["wav_22050"], 22050)])
+    assert torch.allclose(voice.gpt_cond_latent, cond["gpt_cond_latent_len30_chunk4"], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(voice.speaker_embedding, speaker["speaker_embedding"], atol=1e-5, rtol=0)
+    gen = load_file(str(XTTS / "io_generate.safetensors"))
+    for run in ("rep1", "rep10"):
+        with torch.no_grad():
+            wav = model.hifigan_decoder(gen[f"{run}.gpt_latents"], gen["speaker_embedding"])
+        assert torch.allclose(wav.flatten(), gen[f"{run}.wav"], atol=1e-4, rtol=0), run

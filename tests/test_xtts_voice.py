@@ -169,3 +169,13 @@ def test_encode_voice_errors_and_warnings(small, io_cond):
         encode_voice(small, [])
     short = encode_voice(small, [(speech[:, :int(22050 * 2.5)], 22050)])
     assert len(short.warnings) == 1 and "2.5 s" in short.warnings[0]
+
+
+def test_voice_without_torchaudio(small, io_cond, monkeypatch):
+    """ComfyUI installs may lack torchaudio: the profile is then computed with our own resampler, same result."""
+    clip = mel.resample(io_cond["wav_22050"][:, :22050 * 3], 22050, 44100)
+    with_ta = encode_voice(small, [(clip, 44100)])
+    monkeypatch.setattr(mel, "_torchaudio_resample", lambda: None)
+    without = encode_voice(small, [(clip, 44100)])
+    close(without.gpt_cond_latent, with_ta.gpt_cond_latent, atol=1e-5, rtol=1e-5)
+    close(without.speaker_embedding, with_ta.speaker_embedding, atol=1e-6, rtol=0)

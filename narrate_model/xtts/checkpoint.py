@@ -36,7 +36,8 @@ def _resolve_files(folder_or_files) -> tuple[Path, Path, Path]:
         path = Path(folder_or_files)
         if path.is_dir() or not path.suffix:
             folder = path
-            ckpt = next((folder / n for n in CHECKPOINT_NAMES if (folder / n).is_file()), folder / CHECKPOINT_NAMES[0])
+            # coqui ships model.pth; a safetensors conversion next to it is preferred (no pickle, memory-mapped)
+            ckpt = next((folder / n for n in CHECKPOINT_NAMES if (folder / n).is_file()), folder / "model.pth")
             config = folder / "config.json"
         else:
             folder, ckpt, config = path.parent, path, path.parent / "config.json"
