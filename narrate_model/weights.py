@@ -177,10 +177,10 @@ REGISTRY: tuple[WeightFile, ...] = (
 )
 
 _BY_KEY = {entry.key: entry for entry in REGISTRY}
-BUNDLES: dict[str, tuple[WeightFile, ...]] = {}
-for _entry in REGISTRY:
-    BUNDLES.setdefault(_entry.bundle, ())
-    BUNDLES[_entry.bundle] += (_entry,)
+BUNDLES: dict[str, tuple[WeightFile, ...]] = {
+    bundle: tuple(entry for entry in REGISTRY if entry.bundle == bundle)
+    for bundle in dict.fromkeys(entry.bundle for entry in REGISTRY)
+}
 
 EntryLike = Union[WeightFile, str, Sequence[Union[WeightFile, str]]]
 

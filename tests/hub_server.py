@@ -21,6 +21,7 @@ class Logged:
     method: str
     path: str
     range: str | None
+    authorized: bool = False
 
 
 @dataclass
@@ -51,7 +52,8 @@ class HubServer:
                 self._answer(body=True)
 
             def _answer(self, body: bool):
-                hub.requests.append(Logged(self.command, self.path, self.headers.get("Range")))
+                hub.requests.append(Logged(self.command, self.path, self.headers.get("Range"),
+                                           "Authorization" in self.headers))
                 match = re.fullmatch(r"/(.+?/.+?)/resolve/([^/]+)/(.+)", self.path)
                 if match:
                     data = hub.files.get(match.groups())

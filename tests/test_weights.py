@@ -139,6 +139,13 @@ def test_dropped_connection_resumes_with_a_range_request(hub, tmp_path):
     assert calls == sorted(calls) and calls[-1] == len(data)
 
 
+def test_hub_token_is_sent_to_the_hub_but_not_along_the_redirect(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    data = blob(5_000, 15)
+    fetch(serve(hub, "gated.bin", data), tmp_path)
+    assert [(r.path.startswith("/lfs/"), r.authorized) for r in hub.requests] == [(False, True), (True, False)]
+
+
 def test_part_file_from_an_interrupted_run_is_resumed(hub, tmp_path):
     data = blob(90_000, 4)
     entry = serve(hub, "half.bin", data)
