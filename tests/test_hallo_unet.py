@@ -138,3 +138,32 @@ def test_separate_motion_module_file_fills_missing_motion_keys(tmp_path: Path):
     load_net(net, tmp_path / "net.safetensors", motion_module_path=tmp_path / "mm.safetensors")
     key = "denoising_unet.mid_block.motion_modules.0.temporal_transformer.proj_in.weight"
     assert torch.equal(net.state_dict()[key], state[key])
+
+
+def test_full_size_forward_shapes_on_meta():
+    """The real layout wired end to end (channel changes, audio widths, odd latent sizes) without any memory."""
+    with torch.no_grad():
+        net = build_net(HalloConfig(), device="meta")
+        frames, size = 3, 60  # 480 px: 60 -> 30 -> 15 -> 8 latents and back
+        tokens = net.imageproj(torch.zeros(2, 512, device="meta"))
+        banks = write_banks(net.reference_unet, torch.zeros(3, 4, size, size, device="meta"), tokens)
+        assert sorted(banks) == sorted(net.denoising_unet.reference_block_names()) and len(banks) == 16
+        audio = net.audioproj(torch.zeros(2, frames, 5, 12, 768, device="meta"))
+        sides = [size, 30, 15, 8]
+        masks = [[torch.zeros(2 * frames, s * s, device="meta") for s in sides] for _ in range(3)]
+        located = net.face_locator(torch.zeros(1, 3, 8 * size, 8 * size, device="meta"))
+        assert located.shape == (1, 320, size, size)
+        located = located[:, :, None].expand(2, -1, frames, -1, -1)
+        out = net.denoising_unet(torch.zeros(2, 4, frames, size, size, device="meta"), torch.tensor(999), tokens,
+                                 audio, masks, located, banks, uncond_plain=True)
+    assert out.shape == (2, 4, frames, size, size)
+
+
+def test_dropping_the_skipped_motion_modules_changes_nothing(net, io):
+    inputs, outputs = io
+    slim = load_net(build_net(tiny_config(HALLO / "tiny_config.json")), HALLO / "tiny_net.safetensors")
+    before = sum(p.numel() for p in slim.parameters())
+    slim.denoising_unet.drop_skipped_motion_modules()
+    assert sum(p.numel() for p in slim.parameters()) < before
+    pred, *_ = denoise(slim, inputs, cfg=True)
+    assert max_err(pred, outputs["cfg.noise_pred"]) < 1e-4

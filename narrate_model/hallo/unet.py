@@ -292,6 +292,13 @@ class DenoisingUNet(nn.Module):
             if isinstance(module, ImageTransformer):
                 module.bank_key = f"{name}.transformer_blocks.0"
 
+    def drop_skipped_motion_modules(self) -> None:
+        """Free the motion modules of `DownBlock3D` / `UpBlock3D`, which Hallo's inference never runs (~180 M numbers
+        at full size). Outputs are unchanged; the state dict then lacks their net.pth keys."""
+        for block in (*self.down_blocks, *self.up_blocks):
+            if isinstance(block, (DownBlock, UpBlock)):
+                block.motion_modules = nn.ModuleList()
+
     def reference_block_names(self) -> list[str]:
         return [m.bank_key for m in self.modules() if isinstance(m, ImageTransformer)]
 
