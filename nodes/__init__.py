@@ -2,9 +2,10 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .common import register_model_folders
+from . import speech
 from .mux import AVMux
 
-NODES: list[type[io.ComfyNode]] = [AVMux]
+NODES: list[type[io.ComfyNode]] = [*speech.NODES, AVMux]
 
 
 class NarrateExtension(ComfyExtension):

@@ -25,9 +25,5 @@ class XttsModel(nn.Module):
             return cls(cfg)
 
     @property
-    def device(self) -> torch.device:
-        return self.mel_stats.device
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.hifigan_decoder.waveform_decoder.conv_pre.weight.dtype

@@ -1,0 +1,76 @@
+"""Text chunks + voice -> speech: the GPT writes codes and latents per sentence chunk, the HiFi-GAN voices them.
+
+This is the speech half of the narration as two calls, so the synthesizer and vocoder nodes (and the pipeline) share
+one implementation: `synthesize` (GPT, per chunk) and `vocode` (HiFi-GAN, per chunk, joined in order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..errors import NarrateInputError
+from ..progress import ProgressFn, report
+from .gpt import GenerationResult
+from .sampling import SamplingParams
+from .text import TextTokens
+
+
+@dataclass
+class SpeechLatents:
+    """The synthesizer's output: one generation per sentence chunk, in order."""
+    chunks: list[GenerationResult]
+    sample_rate: int
+    samples_per_latent: float  # output audio samples per GPT latent (1024 / 22050 s of audio at 24 kHz)
+
+    @property
+    def num_codes(self) -> int:
+        return sum(c.codes.shape[1] for c in self.chunks)
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.latents.shape[1] for c in self.chunks) * self.samples_per_latent / self.sample_rate
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def synthesize(model, tokens: TextTokens, voice, params: SamplingParams, progress: ProgressFn = None) -> SpeechLatents:
+    """Generates every chunk of `tokens` in the voice; chunk i is seeded with params.seed + i."""
+    if not tokens.ids or not any(tokens.ids):
+        raise NarrateInputError("tokens", "there is no text to speak; give Text BPE a non-empty text.")
+    cfg, device = model.gpt.cfg, _device_of(model)
+    dtype = next(model.gpt.parameters()).dtype
+    cond = voice.gpt_cond_latent.to(device, dtype)
+    per_chunk = params.max_new_tokens or cfg.max_gen_mel_tokens
+    total = per_chunk * len(tokens.ids)
+    chunks = []
+    for i, ids in enumerate(tokens.ids):
+        # the GPT's text window holds gpt_max_text_tokens; the text splitter keeps chunks well under it
+        if len(ids) > cfg.gpt_max_text_tokens:
+            raise NarrateInputError("tokens", f"chunk {i + 1} has {len(ids)} tokens, more than the model's "
+                                              f"{cfg.gpt_max_text_tokens}; turn on split_sentences in Text BPE.")
+        text_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        chunk_progress = None if progress is None else (lambda d, t, i=i: progress(i * per_chunk + d, total))
+        chunks.append(model.gpt.generate(text_ids, cond, replace(params, seed=params.seed + i), chunk_progress))
+        report(progress, (i + 1) * per_chunk, total)
+    hop = cfg.gpt_code_stride_len * cfg.output_sample_rate / cfg.input_sample_rate
+    return SpeechLatents(chunks, cfg.output_sample_rate, hop)
+
+
+def vocode(model, speech: SpeechLatents, voice, progress: ProgressFn = None) -> dict:
+    """HiFi-GAN over each chunk's latents with the voice's speaker embedding; chunks joined in order -> AUDIO."""
+    device = _device_of(model)
+    dtype = next(model.hifigan_decoder.parameters()).dtype
+    speaker = voice.speaker_embedding.to(device, dtype)
+    pieces = []
+    for i, chunk in enumerate(speech.chunks):
+        if chunk.latents.shape[1] == 0:
+            continue
+        wav = model.hifigan_decoder(chunk.latents.to(device, dtype), speaker)
+        pieces.append(wav.reshape(-1).float().cpu())
+        report(progress, i + 1, len(speech.chunks))
+    if not pieces:
+        raise NarrateInputError("speech", "the synthesizer produced no speech codes; try another seed or text.")
+    return {"waveform": torch.cat(pieces).view(1, 1, -1), "sample_rate": speech.sample_rate}

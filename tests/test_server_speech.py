@@ -1,0 +1,88 @@
+"""The speech graph on the real server, with a small XTTS checkpoint written in the real layout (config.json,
+model.pth with the weights under "model", vocab.json): LoadAudio -> Voice Profile Encode -> Text BPE ->
+Spectrogram Synthesizer -> Vocoder -> SaveAudio."""
+import io
+import json
+import shutil
+
+import av
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_server import messages_of
+from conftest import FIXTURES, MEDIA
+
+XTTS = FIXTURES / "xtts"
+
+
+@pytest.fixture(scope="module")
+def small_xtts(comfy_server):
+    folder = comfy_server.base / "models" / "narrate" / "xtts" / "small-test"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(XTTS / "small_config.json", folder / "config.json")
+    shutil.copy(XTTS / "bpe_vocab.json", folder / "vocab.json")
+    # the trainer's layout: weights under "model", prefixed with "xtts." as coqui's trainer saves them
+    weights = {f"xtts.{k}": v for k, v in load_file(XTTS / "small_model.safetensors").items()}
+    torch.save({"model": weights, "config": json.loads((XTTS / "small_config.json").read_text())},
+               folder / "model.pth")
+    return "small-test"
+
+
+def speech_prompt(checkpoint: str, voice: str, text: str, seed: int = 0) -> dict:
+    return {
+        "1": {"class_type": "NFY_LoadXTTS", "inputs": {"checkpoint": checkpoint}},
+        "2": {"class_type": "LoadAudio", "inputs": {"audio": voice}},
+        "3": {"class_type": "NFY_VoiceProfileEncode",
+              "inputs": {"xtts": ["1", 0], "voice": ["2", 0], "max_seconds": 30, "chunk_seconds": 4}},
+        "4": {"class_type": "NFY_TextBPE",
+              "inputs": {"xtts": ["1", 0], "text": text, "language": "en", "split_sentences": True}},
+        "5": {"class_type": "NFY_SpectrogramSynthesizer",
+              "inputs": {"xtts": ["1", 0], "tokens": ["4", 0], "voice": ["3", 0], "do_sample": True,
+                         "temperature": 0.75, "top_p": 0.85, "top_k": 50, "repetition_penalty": 10.0,
+                         "length_penalty": 1.0, "speed": 1.0, "seed": seed}},
+        "6": {"class_type": "NFY_Vocoder", "inputs": {"xtts": ["1", 0], "speech": ["5", 0], "voice": ["3", 0]}},
+        "7": {"class_type": "SaveAudio", "inputs": {"audio": ["6", 0], "filename_prefix": "nfy_test/speech"}},
+    }
+
+
+def audio_samples(data: bytes) -> tuple[int, int]:
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.audio[0]
+        return sum(f.samples for f in c.decode(audio=0)), stream.rate
+
+
+def test_speech_graph_produces_audio_whose_length_matches_the_codes(comfy, small_xtts):
+    voice = comfy.upload(MEDIA / "videos" / "man.mp4")
+    entry = comfy.run(speech_prompt(small_xtts, voice, "Hello there. This is a test of the speech graph."))
+    chunks = entry["outputs"]["5"]["nfy_chunks"]
+    assert chunks and all(c["codes"] >= 1 for c in chunks)
+    samples, rate = audio_samples(comfy.view(entry["outputs"]["7"]["audio"][0]))
+    assert rate == 24000
+    # each chunk: latents x4 (linear), x24000/22050 (floor), x256 samples (HiFi-GAN hop)
+    assert samples == sum(int(4 * c["latents"] * 24000 / 22050) * 256 for c in chunks)
+
+
+def test_changing_only_the_text_reuses_the_cached_voice(comfy, small_xtts):
+    voice = comfy.upload(MEDIA / "videos" / "man.mp4")
+    comfy.run(speech_prompt(small_xtts, voice, "First text."))
+    entry = comfy.run(speech_prompt(small_xtts, voice, "A different text."))
+    cached = {n for m in messages_of(entry, "execution_cached") for n in m["nodes"]}
+    assert {"1", "2", "3"} <= cached and "4" not in cached
+
+
+@pytest.mark.parametrize("text, message", [("   ", "input 'text'")])
+def test_bad_text_names_the_node_and_the_input(comfy, small_xtts, text, message):
+    voice = comfy.upload(MEDIA / "videos" / "man.mp4")
+    prompt_id = comfy.queue(speech_prompt(small_xtts, voice, text))
+    entry = comfy.wait(prompt_id, expect="error")
+    error = messages_of(entry, "execution_error")[0]
+    assert error["node_type"] == "NFY_TextBPE"
+    assert "Text BPE" in error["exception_message"] and message in error["exception_message"]
+
+
+def test_missing_checkpoint_says_what_goes_where(comfy):
+    voice = comfy.upload(MEDIA / "videos" / "man.mp4")
+    entry = comfy.wait(comfy.queue(speech_prompt("XTTS-v2", voice, "Hi.")), expect="error")
+    message = messages_of(entry, "execution_error")[0]["exception_message"]
+    assert "narrate" in message and "XTTS-v2" in message and "config.json" in message

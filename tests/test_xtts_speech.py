@@ -1,0 +1,75 @@
+"""The speech stage end to end through our glue (text -> tokens -> GPT per chunk -> HiFi-GAN), against upstream's
+own `Xtts.inference` outputs, and the chunk bookkeeping the nodes and the pipeline rely on."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES
+from narrate_model.errors import NarrateInputError
+from narrate_model.xtts.checkpoint import load_xtts
+from narrate_model.xtts.sampling import SamplingParams
+from narrate_model.xtts.speech import synthesize, vocode
+from narrate_model.xtts.text import XttsTokenizer, tokenize
+from narrate_model.xtts.voice import VoiceProfile
+
+XTTS = FIXTURES / "xtts"
+TEXT = "The meeting starts at 10:30 on the 3rd of May."
+
+
+@pytest.fixture(scope="module")
+def small():
+    model, _ = load_xtts([XTTS / "small_config.json", XTTS / "small_model.safetensors"])
+    return model, XttsTokenizer(XTTS / "bpe_vocab.json"), load_file(XTTS / "io_generate.safetensors")
+
+
+def _voice(io):
+    return VoiceProfile(io["cond_latent"], io["speaker_embedding"], seconds=6.0)
+
+
+@pytest.mark.parametrize("rep", [10, 1])
+def test_greedy_speech_equals_upstream_inference(small, rep):
+    model, tok, io = small
+    tokens = tokenize(tok, TEXT, "en", split=False)
+    assert tokens.ids[0] == io["text_ids"][0].tolist()
+    params = SamplingParams(do_sample=False, repetition_penalty=float(rep), max_new_tokens=30)
+    with torch.inference_mode():
+        speech = synthesize(model, tokens, _voice(io), params)
+        audio = vocode(model, speech, _voice(io))
+    assert torch.equal(speech.chunks[0].codes, io[f"rep{rep}.codes"])
+    assert audio["sample_rate"] == 24000
+    torch.testing.assert_close(audio["waveform"].view(-1), io[f"rep{rep}.wav"], atol=1e-4, rtol=0)
+
+
+def test_chunks_are_spoken_in_order_and_audio_length_follows_the_codes(small):
+    model, tok, io = small
+    tokens = tokenize(tok, "First sentence here. " * 30, "en")
+    assert len(tokens.chunks) > 1
+    seen = []
+    params = SamplingParams(do_sample=True, seed=7, max_new_tokens=12)
+    with torch.inference_mode():
+        speech = synthesize(model, tokens, _voice(io), params, progress=lambda d, t: seen.append((d, t)))
+        audio = vocode(model, speech, _voice(io))
+    assert len(speech.chunks) == len(tokens.chunks)
+    assert seen[-1] == (12 * len(tokens.chunks),) * 2 and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # HiFi-GAN: 4x linear upsampling of the latents, then 24000/22050 (floor), then 256 samples per step
+    expected = sum(int(4 * c.latents.shape[1] * 24000 / 22050) * 256 for c in speech.chunks)
+    assert audio["waveform"].shape == (1, 1, expected)
+    assert speech.num_codes == sum(c.codes.shape[1] for c in speech.chunks)
+
+
+def test_same_seed_same_speech_other_seed_other_speech(small):
+    model, tok, io = small
+    tokens = tokenize(tok, TEXT, "en")
+    run = lambda seed: synthesize(model, tokens, _voice(io), SamplingParams(seed=seed, max_new_tokens=20))
+    with torch.inference_mode():
+        a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.chunks[0].codes, b.chunks[0].codes)
+    assert not torch.equal(a.chunks[0].codes, c.chunks[0].codes)
+
+
+def test_empty_tokens_are_refused(small):
+    model, tok, io = small
+    tokens = tokenize(tok, TEXT, "en")
+    tokens.ids = []
+    with pytest.raises(NarrateInputError, match="tokens"):
+        synthesize(model, tokens, _voice(io), SamplingParams())
