@@ -90,25 +90,23 @@ class ReferenceTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def self_attention(self, x: torch.Tensor, read: ReferenceRead, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n, length, c = x.shape
+        n = x.shape[0]
         batch = n // frames
         bank = read.bank.to(x.dtype).unflatten(0, (batch, -1))  # [b, s, L, C]
         attn = self.attn1
-        q, k_self, v_self = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        # reference tokens are projected once per CFG half; quirk: Hallo tiles the halves' references
-        # frame-interleaved ([ref0, ref1, ref0, ...] over the (b f) rows), so row k reads half k % b (with CFG the
-        # cond half's even frames see the reference written with the uncond tokens)
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        # quirk: with CFG the unconditional half uses plain self-attention, only the cond half sees the reference
+        first = n // 2 if read.uncond_plain else 0
+        # quirk: Hallo tiles the halves' references frame-interleaved ([ref0, ref1, ref0, ...] over the (b f) rows),
+        # so row k reads the reference of half k % b: with CFG the cond half's even frames see the reference image
+        # the writer paired with the uncond face tokens. Each reference is projected once, then shared by its rows.
+        rows = torch.arange(first, n, device=x.device) % batch
         ref = bank[:, 0]
-        rows = torch.arange(n, device=x.device) % batch
-        k_ref, v_ref = attn.to_k(ref)[rows], attn.to_v(ref)[rows]
-        k, v = torch.cat([k_self, k_ref], dim=1), torch.cat([v_self, v_ref], dim=1)
-        if read.uncond_plain:
-            # quirk: with CFG the unconditional half uses plain self-attention, only the cond half sees the reference
-            half = n // 2
-            out = torch.cat([attn.attend(q[:half], k_self[:half], v_self[:half]),
-                             attn.attend(q[half:], k[half:], v[half:])])
-        else:
-            out = attn.attend(q, k, v)
+        k_ref = torch.cat([k[first:], attn.to_k(ref)[rows]], dim=1)
+        v_ref = torch.cat([v[first:], attn.to_v(ref)[rows]], dim=1)
+        out = attn.attend(q[first:], k_ref, v_ref)
+        if first:
+            out = torch.cat([attn.attend(q[:first], k[:first], v[:first]), out])
         return out, bank[:, 1:]
 
     def forward(self, h: torch.Tensor, context: torch.Tensor, read: Optional[ReferenceRead], frames: int):

@@ -124,10 +124,12 @@ def _check(settings: SamplerSettings, net: HalloNet, audio: torch.Tensor, ref_la
     if tuple(face.region.shape[-2:]) != (8 * h, 8 * w):
         raise NarrateInputError("face", f"face region {tuple(face.region.shape[-2:])} does not match the reference "
                                 f"latents {h}x{w} (expected {8 * h}x{8 * w} pixels); encode both from the same image")
-    for level, mask in enumerate(face.full_masks):
-        if mask.numel() != (h >> level) * (w >> level):
-            raise NarrateInputError("face", f"mask level {level} has {mask.numel()} values, expected "
-                                    f"{(h >> level) * (w >> level)} for {h}x{w} latents")
+    for name in ("full_masks", "face_masks", "lip_masks"):
+        masks = getattr(face, name)
+        sizes = [-(-h // 2 ** level) * -(-w // 2 ** level) for level in range(4)]  # the UNet's 4 resolutions
+        if [m.numel() for m in masks] != sizes:
+            raise NarrateInputError("face", f"{name} must be 4 masks of {sizes} values for {h}x{w} latents; got "
+                                    f"{[m.numel() for m in masks]}")
 
 
 class _Conditioning:
@@ -163,8 +165,10 @@ def denoise_clip(net: HalloNet, scheduler: SchedulerMixin, generator: torch.Gene
     device, dtype = net.device, net.dtype
     h, w = ref_latents.shape[-2:]
     scheduler.set_timesteps(settings.steps, device=device)
-    noise = torch.randn((1, 4, settings.clip_length, h, w), generator=generator, dtype=torch.float32)
-    latents = noise.to(device) * scheduler.init_noise_sigma  # the scheduler runs in fp32, the UNet in its dtype
+    # drawn on the CPU in the model's dtype, as Hallo's randn_tensor does (fp16 draws differ from fp32 ones), so a
+    # seed gives Hallo's noise on any device; the scheduler then runs in fp32, the UNet in its own dtype
+    noise = torch.randn((1, 4, settings.clip_length, h, w), generator=generator, dtype=dtype)
+    latents = noise.to(device, torch.float32) * scheduler.init_noise_sigma
     banks = write_banks(net.reference_unet, ref_latents, cond.face_tokens)  # ReferenceNet once per clip, t = 0
     step_kwargs = _step_kwargs(scheduler, generator)
     for t in scheduler.timesteps:
