@@ -58,9 +58,14 @@ def denoise(net, inputs, cfg: bool, motion_scale=(1.0, 1.0, 1.0)):
     return pred, banks, cond, uncond, located
 
 
-def test_projections_and_banks_match_upstream(net, io):
-    inputs, outputs = io
-    _, banks, cond, uncond, located = denoise(net, inputs, cfg=True)
+@pytest.fixture(scope="module")
+def cfg_run(net, io):
+    return denoise(net, io[0], cfg=True)
+
+
+def test_projections_and_banks_match_upstream(cfg_run, io):
+    _, outputs = io
+    _, banks, cond, uncond, located = cfg_run
     assert max_err(cond, outputs["cfg.face_tokens"]) < 1e-5
     assert max_err(uncond, outputs["cfg.face_tokens_uncond"]) < 1e-5
     assert max_err(located[1:], outputs["cfg.face_locator_out"]) < 1e-5
@@ -69,9 +74,9 @@ def test_projections_and_banks_match_upstream(net, io):
         assert max_err(banks[name].float(), outputs[f"cfg.bank_fp16.{name}"]) < 1e-3
 
 
-def test_cfg_step_matches_upstream(net, io):
-    inputs, outputs = io
-    pred, *_ = denoise(net, inputs, cfg=True)
+def test_cfg_step_matches_upstream(cfg_run, io):
+    _, outputs = io
+    pred = cfg_run[0]
     assert max_err(pred, outputs["cfg.noise_pred"]) < 1e-4
     uncond, cond = pred.chunk(2)
     assert max_err(uncond + 3.5 * (cond - uncond), outputs["cfg.noise_pred_guided_3p5"]) < 3e-4
@@ -120,10 +125,11 @@ def test_loading_a_pth_with_weights_only_and_onto_meta(tmp_path: Path):
     state = load_file(str(HALLO / "tiny_net.safetensors"))
     pth = tmp_path / "net.pth"
     torch.save(state, pth)
-    net = load_net(build_net(tiny_config(HALLO / "tiny_config.json"), device="meta"), pth)
-    assert not any(p.is_meta for p in net.parameters())
+    net = load_net(build_net(tiny_config(HALLO / "tiny_config.json"), device="meta"), pth, dtype=torch.float16)
+    assert not any(t.is_meta for t in [*net.parameters(), *net.buffers()])
+    assert net.dtype == torch.float16
     key = "denoising_unet.conv_in.weight"
-    assert torch.equal(net.state_dict()[key], state[key])
+    assert torch.equal(net.state_dict()[key], state[key].half())
 
 
 def test_separate_motion_module_file_fills_missing_motion_keys(tmp_path: Path):

@@ -70,14 +70,19 @@ def motion_module_state(path: PathLike) -> dict[str, torch.Tensor]:
 
 def load_net(net: HalloNet, path: PathLike, motion_module_path: Optional[PathLike] = None,
              dtype: Optional[torch.dtype] = None) -> HalloNet:
-    """Load the Net's weights strictly; a net built on the meta device gets the loaded tensors assigned."""
+    """Load the Net's weights strictly (optionally cast to `dtype`).
+
+    A net built on the meta device gets the loaded tensors assigned (no second copy of the weights in memory).
+    """
     state = read_state_dict(path)
     if motion_module_path is not None:
         state = {**motion_module_state(motion_module_path), **state}
     expected = {k: v.shape for k, v in net.state_dict().items()}
     check_state_dict(expected, state, Path(path).name)
+    on_meta = any(p.is_meta for p in net.parameters())
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    on_meta = any(p.is_meta for p in net.parameters())
+        if not on_meta:
+            net.to(dtype)
     net.load_state_dict(state, strict=True, assign=on_meta)
     return net

@@ -132,8 +132,9 @@ def _check(settings: SamplerSettings, net: HalloNet, audio: torch.Tensor, ref_la
                                     f"{[m.numel() for m in masks]}")
 
 
-class _Conditioning:
-    """Everything a clip needs that does not change from clip to clip, on the compute device."""
+class ClipConditioning:
+    """What every clip shares, on the compute device: face tokens ([uncond, cond] with CFG), the FaceLocator
+    feature repeated over the clip's frames (zeros for uncond), and the region masks repeated per frame."""
 
     def __init__(self, net: HalloNet, face: FaceInputs, clip_length: int, cfg: bool):
         device, dtype = net.device, net.dtype
@@ -158,7 +159,7 @@ def _clip_audio_tokens(net: HalloNet, audio: torch.Tensor, cfg: bool) -> torch.T
 
 
 @torch.no_grad()
-def denoise_clip(net: HalloNet, scheduler: SchedulerMixin, generator: torch.Generator, cond: _Conditioning,
+def denoise_clip(net: HalloNet, scheduler: SchedulerMixin, generator: torch.Generator, cond: ClipConditioning,
                  audio_tokens: torch.Tensor, ref_latents: torch.Tensor, settings: SamplerSettings,
                  on_step: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Denoise one clip. ref_latents: scaled [1 + motion_frames, 4, h, w]. Returns scaled latents [1,4,f,h,w]."""
@@ -205,7 +206,7 @@ def sample_video(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_windows
     audio = torch.cat([audio, audio[-1:].expand(clips * clip_length - frames, *audio.shape[1:])])
 
     cfg = settings.cfg > 1.0
-    cond = _Conditioning(net, face_inputs, clip_length, cfg)
+    cond = ClipConditioning(net, face_inputs, clip_length, cfg)
     scheduler = make_scheduler(settings.scheduler)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     reference = ref_latents.to(net.device, torch.float32) * scale
