@@ -103,7 +103,8 @@ class Mp4Writer:
         self.video.pix_fmt = "yuv420p"
         self.video.options = {"crf": str(self.crf)}
 
-    def add_frames(self, frames: torch.Tensor) -> None:
+    def add_frames(self, frames: torch.Tensor, progress: ProgressFn = None) -> None:
+        """Encodes a chunk of IMAGE frames, reporting after every frame (so Cancel stops within one frame)."""
         pixels = _to_uint8_rgb(frames)
         if self.video is None:
             self._open_video(*pixels.shape[1:3])
@@ -116,6 +117,7 @@ class Mp4Writer:
             frame.time_base = 1 / self.fps
             self.container.mux(self.video.encode(frame))
             self.frames_written += 1
+            report(progress, self.frames_written, self.total_frames)
         if self.audio is not None:
             self._add_audio_until(samples_for_frames(self.frames_written, self.sample_rate, self.fps))
 
@@ -155,8 +157,7 @@ def write_mp4(path: str, frames: Union[torch.Tensor, Iterable[torch.Tensor]], fp
         raise NarrateInputError("images", "there are no frames to write.")
     with Mp4Writer(path, fps, audio, sample_rate, total_frames, crf) as writer:
         for part in frames:
-            writer.add_frames(part)
-            report(progress, writer.frames_written, total_frames)
+            writer.add_frames(part, progress)
     return path
 
 

@@ -303,9 +303,13 @@ def licence_notice(entry: WeightFile) -> str:
     return f"{entry.title} [{entry.source}] is under the {lic.name}: {lic.line}{where}."
 
 
+PACK_DIR = Path(__file__).resolve().parents[1]
+
+
 def download_command(entry: WeightFile, models_dir) -> str:
+    """The command that fetches `entry`; it runs from the pack's folder, where narrate_model is importable."""
     name = entry.bundle if entry.required else entry.key
-    return f'python -m narrate_model download {name} --models-dir "{Path(models_dir)}"'
+    return f'cd "{PACK_DIR}" && python -m narrate_model download {name} --models-dir "{Path(models_dir)}"'
 
 
 def missing_message(entry: WeightFile, models_dir) -> str:

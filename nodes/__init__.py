@@ -2,10 +2,10 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .common import register_model_folders
-from . import speech
+from . import speech, weights
 from .mux import AVMux
 
-NODES: list[type[io.ComfyNode]] = [*speech.NODES, AVMux]
+NODES: list[type[io.ComfyNode]] = [*speech.NODES, AVMux, *weights.NODES]
 
 
 class NarrateExtension(ComfyExtension):

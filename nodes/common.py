@@ -108,3 +108,18 @@ def locate_checkpoint(node_name: str, folder_name: str, choice: str, marker: str
     where = os.path.join(model_folder(folder_name), choice)
     what = f"{where}{os.sep}{marker}" if marker else where
     raise ValueError(f"{node_name}: input 'checkpoint': {what} is missing. {how_to_get}".strip())
+
+
+def registry_help(bundle: str) -> str:
+    """For each file of a known checkpoint that is not in place: the file, the folder, the licence and the command
+    that fetches it (from narrate_model.weights, the one registry of what the pack uses)."""
+    from ..narrate_model.weights import local_path, missing_message, resolve
+
+    models = folder_paths.models_dir
+    return "\n\n".join(missing_message(e, models) for e in resolve(bundle) if not local_path(e, models).is_file())
+
+
+def licence_of(key: str) -> str:
+    from ..narrate_model.weights import licence_notice, resolve
+
+    return licence_notice(resolve(key)[0])

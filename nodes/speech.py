@@ -14,12 +14,9 @@ from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES, XttsTokenizer, tokenize
 from ..narrate_model.xtts.voice import encode_voice
 from .common import (CATEGORY, SPEECH_LATENTS, TOKENS, VOICE, XTTS, checkpoint_choices, input_errors, load_to_device,
-                     locate_checkpoint, patcher, progress_bar)
+                     licence_of, locate_checkpoint, patcher, progress_bar, registry_help)
 
-XTTS_FETCH = ("Download config.json, model.pth and vocab.json from huggingface.co/coqui/XTTS-v2 into that folder, "
-              "or run: python -m narrate_model download xtts-v2 --models-dir ComfyUI/models (from the pack's folder).")
-XTTS_LICENCE = ("XTTS-v2 weights: Coqui Public Model License 1.0.0 - non-commercial use only, including the speech "
-                "they produce.")
+XTTS_DEFAULT = "XTTS-v2"  # the folder the registry downloads coqui/XTTS-v2 into
 
 
 @dataclass
@@ -40,8 +37,9 @@ class LoadXTTS(io.ComfyNode):
         return io.Schema(
             node_id="NFY_LoadXTTS", display_name="Load XTTS-v2", category=f"{CATEGORY}/loaders",
             description="Loads an XTTS-v2 checkpoint folder (config.json, model.pth or model.safetensors, vocab.json) "
-                        "from ComfyUI/models/narrate/xtts/. " + XTTS_LICENCE,
-            inputs=[io.Combo.Input("checkpoint", options=checkpoint_choices("narrate_xtts", "config.json", "XTTS-v2"),
+                        "from ComfyUI/models/narrate/xtts/. The XTTS-v2 weights are under the Coqui Public Model "
+                        "License: non-commercial use only, including the speech they produce.",
+            inputs=[io.Combo.Input("checkpoint", options=checkpoint_choices("narrate_xtts", "config.json", XTTS_DEFAULT),
                                    tooltip="A folder under models/narrate/xtts/ holding config.json, model.pth "
                                            "(or model.safetensors) and vocab.json, e.g. XTTS-v2.")],
             outputs=[XTTS.Output(display_name="xtts", tooltip="The speech model for the other speech nodes.")],
@@ -49,14 +47,16 @@ class LoadXTTS(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint) -> io.NodeOutput:
-        folder = locate_checkpoint("Load XTTS-v2", "narrate_xtts", checkpoint, "config.json", XTTS_FETCH)
+        help_text = registry_help("xtts-v2") if checkpoint == XTTS_DEFAULT else \
+            "Put config.json, model.pth (or model.safetensors) and vocab.json of an XTTS-v2 checkpoint there."
+        folder = locate_checkpoint("Load XTTS-v2", "narrate_xtts", checkpoint, "config.json", help_text)
         try:
             model, config = load_xtts(folder)
             tokenizer = XttsTokenizer(os.path.join(folder, "vocab.json"))
         except CheckpointError as e:
             raise ValueError(f"Load XTTS-v2: input 'checkpoint': {e}") from e
         handle = XttsHandle(patcher(model), config, tokenizer, checkpoint)
-        return io.NodeOutput(handle, ui={"text": [f"{checkpoint}: {XTTS_LICENCE}"]})
+        return io.NodeOutput(handle, ui={"text": [f"{checkpoint}: " + licence_of("xtts-v2/model.pth")]})
 
 
 class TextBPE(io.ComfyNode):

@@ -10,7 +10,8 @@ import av
 from comfy_server import PACK_NAME, messages_of
 from conftest import MEDIA
 
-PACK_NODES = {"NFY_AVMux"}
+PACK_NODES = {"NFY_AVMux", "NFY_LoadXTTS", "NFY_TextBPE", "NFY_VoiceProfileEncode", "NFY_SpectrogramSynthesizer",
+              "NFY_Vocoder", "NFY_DownloadWeights"}
 
 
 def test_server_imports_the_pack_without_failure_or_network(comfy_server, comfy):

@@ -55,6 +55,7 @@ def audio_samples(data: bytes) -> tuple[int, int]:
 def test_speech_graph_produces_audio_whose_length_matches_the_codes(comfy, small_xtts):
     voice = comfy.upload(MEDIA / "videos" / "man.mp4")
     entry = comfy.run(speech_prompt(small_xtts, voice, "Hello there. This is a test of the speech graph."))
+    assert "Coqui Public Model License" in entry["outputs"]["1"]["text"][0]  # the licence, where it is loaded
     chunks = entry["outputs"]["5"]["nfy_chunks"]
     assert chunks and all(c["codes"] >= 1 for c in chunks)
     samples, rate = audio_samples(comfy.view(entry["outputs"]["7"]["audio"][0]))
@@ -85,4 +86,7 @@ def test_missing_checkpoint_says_what_goes_where(comfy):
     voice = comfy.upload(MEDIA / "videos" / "man.mp4")
     entry = comfy.wait(comfy.queue(speech_prompt("XTTS-v2", voice, "Hi.")), expect="error")
     message = messages_of(entry, "execution_error")[0]["exception_message"]
-    assert "narrate" in message and "XTTS-v2" in message and "config.json" in message
+    assert "Load XTTS-v2" in message and "input 'checkpoint'" in message
+    for name in ("config.json", "model.pth", "vocab.json", "python -m narrate_model download xtts-v2",
+                 "Coqui Public Model License"):
+        assert name in message
