@@ -8,8 +8,6 @@ motion-frame features in front of the motion modules.
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
@@ -70,9 +68,3 @@ def write_banks(reference_unet: UNet2DConditionModel, ref_latents: torch.Tensor,
             hook.remove()
     return banks
 
-
-def check_banks(banks: Mapping[str, torch.Tensor], reader_names: list[str]) -> None:
-    missing = sorted(set(reader_names) - set(banks))
-    if missing:
-        raise ValueError(f"ReferenceNet produced no bank for {missing[:3]} ({len(missing)} missing): "
-                         "the ReferenceNet and denoising UNet layouts differ")
