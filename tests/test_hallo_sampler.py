@@ -151,6 +151,9 @@ def test_bad_settings_are_reported(net, vae, inputs, face):
     with pytest.raises(NarrateInputError, match="clip_length"):
         sample_video(net, face, inputs["audio_tokens"][0], ref_latents, SamplerSettings(clip_length=31),
                      vae_encode=encode, vae_decode=decode)
+    with pytest.raises(NarrateInputError, match="audio_features"):
+        sample_video(net, face, torch.zeros(4, 32, 768), ref_latents, SamplerSettings(),
+                     vae_encode=encode, vae_decode=decode)
     with pytest.raises(NarrateInputError, match="face"):
         sample_video(net, face, inputs["audio_tokens"][0], torch.zeros(1, 4, 8, 8), SamplerSettings(),
                      vae_encode=encode, vae_decode=decode)

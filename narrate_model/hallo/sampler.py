@@ -118,6 +118,12 @@ def _check(settings: SamplerSettings, net: HalloNet, audio: torch.Tensor, ref_la
     if audio.dim() not in (3, 4) or audio.shape[0] < 1:
         raise NarrateInputError("audio_features", "expected per-frame audio tokens [frames, tokens, dim] or wav2vec "
                                 f"windows [frames, window, layers, dim] with at least one frame; got {tuple(audio.shape)}")
+    ap = net.config.audioproj
+    tokens_shape, windows_shape = (ap.context_tokens, ap.output_dim), (ap.seq_len, ap.blocks, ap.channels)
+    if tuple(audio.shape[1:]) not in (tokens_shape, windows_shape):
+        raise NarrateInputError("audio_features", f"per-frame audio must be tokens {list(tokens_shape)} or wav2vec "
+                                f"windows {list(windows_shape)}; got {list(audio.shape[1:])} (use the wav2vec2-base "
+                                "features Hallo was trained on)")
     if ref_latents.dim() != 4 or ref_latents.shape[0] != 1:
         raise NarrateInputError("face", f"reference latents must be [1, 4, h, w]; got {tuple(ref_latents.shape)}")
     h, w = ref_latents.shape[-2:]
@@ -188,7 +194,7 @@ def denoise_clip(net: HalloNet, scheduler: SchedulerMixin, generator: torch.Gene
 
 @torch.no_grad()
 def sample_video(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_windows: torch.Tensor,
-                 ref_latents: torch.Tensor, settings: SamplerSettings = SamplerSettings(), *,
+                 ref_latents: torch.Tensor, settings: Optional[SamplerSettings] = None, *,
                  vae_encode: VaeEncode, vae_decode: VaeDecode, progress: ProgressFn = None) -> torch.Tensor:
     """Generate the talking-face video latents for the whole audio.
 
@@ -198,6 +204,7 @@ def sample_video(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_windows
     Returns unscaled latents [F, 4, h, w] on the CPU (float32), one per audio frame.
     Progress: one unit per denoising step over all clips.
     """
+    settings = settings or SamplerSettings()
     audio = audio_tokens_or_windows
     _check(settings, net, audio, ref_latents, face_inputs)
     scale, clip_length, n_motion = net.config.latent_scale, settings.clip_length, settings.motion_frames
