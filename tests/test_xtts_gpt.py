@@ -166,7 +166,8 @@ def test_processors_match_transformers():
 
 def test_progress_reports_blocks_and_can_cancel(gpt, io_gen):
     calls = []
-    gpt.generate(io_gen["text_ids"], io_gen["cond_latent"], greedy(10.0, n=40), progress=lambda d, t: calls.append((d, t)))
+    gpt.generate(io_gen["text_ids"], io_gen["cond_latent"], greedy(10.0, n=40),
+                 progress=lambda done, total: calls.append((done, total)))
     assert calls == [(16, 40), (32, 40), (40, 40)]
 
     class Cancelled(Exception):
