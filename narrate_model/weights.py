@@ -342,43 +342,11 @@ def require(entry: WeightFile, models_dir) -> Path:
 SOURCE_SHA_KEY = "nfy_source_sha256"
 
 
-class _Inert:
-    """Stands in for a non-tensor class pickled inside a checkpoint (e.g. a training config object), so the
-    checkpoint loads with weights_only=True without importing, let alone running, the class's code."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
 def load_pth_state_dict(path: Union[str, Path]) -> tuple[dict, dict]:
-    """A .pth/.ckpt's flat {name: tensor} dict and notes on what was dropped. Loads with weights_only=True; objects
-    of classes torch does not allow (XTTS pickles its Coqpit config next to the weights) become inert stand-ins and
-    are dropped. A top-level "model" or "state_dict" dict of tensors is the state dict, as upstream loaders read it."""
-    import torch
+    """A .pth/.ckpt's flat {name: tensor} dict and notes on what was dropped (see narrate_model.state_dict)."""
+    from .state_dict import read_checkpoint
 
-    path = str(path)
-    foreign = []
-    try:
-        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (RuntimeError, ValueError):  # legacy (non-zip) format: weights_only rejects what it cannot vet
-        pass
-    with torch.serialization.safe_globals([(_Inert, name) for name in foreign]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    inner = None
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                inner = key
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
-        raise CheckpointError(f"{path}: no tensors found at the top level or under 'model' / 'state_dict'")
-    tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
-    dropped = sorted(str(k) for k in obj if not torch.is_tensor(obj[k]))
-    return tensors, {"inner_key": inner or "", "dropped_keys": dropped, "foreign_classes": list(foreign)}
+    return read_checkpoint(path)
 
 
 def convert_to_safetensors(pth_path: Union[str, Path], out_path: Union[str, Path, None] = None,

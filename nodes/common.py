@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
@@ -72,16 +73,25 @@ def input_errors(node_name: str):
         raise ValueError(f"{node_name}: {e}") from e
 
 
+class Managed(torch.nn.Module):
+    """The holder ComfyUI's ModelPatcher manages: it writes bookkeeping attributes (device, lowvram flags) onto the
+    module it is given, so it gets this shell rather than the library's model."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+
 def patcher(module, size: int = 0):
     """Wraps a torch module so ComfyUI can load it to the GPU, offload it, and free it with the rest."""
     return comfy.model_patcher.ModelPatcher(
-        module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=size)
+        Managed(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=size)
 
 
 def load_to_device(model_patcher):
-    """Asks ComfyUI's model management for room and moves the model onto the compute device."""
+    """Asks ComfyUI's model management for room, moves the model onto the compute device and returns it."""
     mm.load_models_gpu([model_patcher])
-    return model_patcher.model
+    return model_patcher.model.model
 
 
 def checkpoint_choices(folder_name: str, marker: str | None = None, default: str | None = None) -> list[str]:

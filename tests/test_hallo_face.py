@@ -135,6 +135,15 @@ def test_man_jpg_end_to_end_reproduces_hallo(encode, io_masks):
     assert_masks_equal(enc.masks, io_masks)
 
 
+def test_sampler_inputs_at_128_equal_hallos_128_pixel_processor(encode, io_unet):
+    """man.jpg -> our encoder -> the FaceLocator image and region masks Hallo's ImageProcessor((128, 128)) made."""
+    inputs = encode(as_image(MEDIA / "images" / "man.jpg")).sampler_inputs(128)
+    assert_exact(inputs.region, io_unet["in.face_mask_pixels"][0])
+    for name in ("full", "face", "lip"):
+        for level, size in zip(getattr(inputs, f"{name}_masks"), (16, 8, 4, 2)):
+            assert_exact(level, io_unet[f"in.{name}_mask_{size}"])
+
+
 @pytest.mark.parametrize("name", ["Woman.png", "kid_2.jpg", "oldMan.jpg"])
 def test_every_media_portrait(encode, name):
     image = as_image(MEDIA / "images" / name)

@@ -1,6 +1,7 @@
 """The speech graph on the real server, with a small XTTS checkpoint written in the real layout (config.json,
 model.pth with the weights under "model", vocab.json): LoadAudio -> Voice Profile Encode -> Text BPE ->
 Spectrogram Synthesizer -> Vocoder -> SaveAudio."""
+import dataclasses
 import io
 import json
 import shutil
@@ -16,6 +17,12 @@ from conftest import FIXTURES, MEDIA
 XTTS = FIXTURES / "xtts"
 
 
+@dataclasses.dataclass
+class TrainerConfig:
+    """Stands for the Coqpit config object coqui pickles next to the weights in the real model.pth."""
+    model_args: dict
+
+
 @pytest.fixture(scope="module")
 def small_xtts(comfy_server):
     folder = comfy_server.base / "models" / "narrate" / "xtts" / "small-test"
@@ -24,8 +31,8 @@ def small_xtts(comfy_server):
     shutil.copy(XTTS / "bpe_vocab.json", folder / "vocab.json")
     # the trainer's layout: weights under "model", prefixed with "xtts." as coqui's trainer saves them
     weights = {f"xtts.{k}": v for k, v in load_file(XTTS / "small_model.safetensors").items()}
-    torch.save({"model": weights, "config": json.loads((XTTS / "small_config.json").read_text())},
-               folder / "model.pth")
+    config = TrainerConfig(json.loads((XTTS / "small_config.json").read_text()))
+    torch.save({"model": weights, "config": config}, folder / "model.pth")
     return "small-test"
 
 

@@ -12,31 +12,11 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
-from safetensors.torch import load_file
-
 from ..errors import CheckpointError
+from ..state_dict import read_state_dict
 from .net import HalloNet
 
 PathLike = Union[str, Path]
-
-
-def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """A flat tensor dict from .safetensors, or from .pth/.pt/.ckpt read with `weights_only=True`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable pickle, or one that needs arbitrary code: refuse either way
-        raise CheckpointError(f"{path.name} is not a loadable PyTorch checkpoint ({exc})") from exc
-    for wrapper in ("state_dict", "module"):
-        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-            data = data[wrapper]
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path.name} holds a {type(data).__name__}, not a state dict")
-    return data
 
 
 def _few(keys, n: int = 5) -> str:

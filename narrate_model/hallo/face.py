@@ -66,6 +66,38 @@ class FaceEncoding:
     faces_found: int
     notes: list[str] = field(default_factory=list)
     crop: tuple[int, int, int] = (0, 0, 0)  # (x, y, side) of the square taken from the input image
+    blurred: dict[str, np.ndarray] = field(default_factory=dict)  # the 64x64 uint8 masks the levels come from
+    reference_latent: torch.Tensor | None = None  # [1, 4, s/8, s/8] unscaled VAE latent, added by the VAE stage
+
+    def image(self, size: int = SIZE) -> torch.Tensor:
+        """The square portrait as an IMAGE [1, size, size, 3] in 0..1 (what the VAE encodes)."""
+        pixels = self.pixels.add(1).div(2)
+        if size != SIZE:
+            pixels = torch.from_numpy(_resize_u8(pixels.mul(255).round().byte().permute(1, 2, 0).numpy(), size))
+            return pixels.float().div(255)[None]
+        return pixels.permute(1, 2, 0)[None].contiguous()
+
+    def sampler_inputs(self, size: int) -> "FaceInputs":
+        """Hallo's ImageProcessor outputs at a video size of `size` pixels: the face-locator image resized (PIL
+        bilinear, so no longer binary below 512), and the region masks at size/8 .. size/64."""
+        from .sampler import FaceInputs
+
+        region = self.face_locator_input
+        if size != SIZE:
+            region_u8 = self.face_locator_input[0].mul(255).round().byte().numpy()
+            region = torch.from_numpy(_resize_u8(region_u8, size)).float().div(255).expand(3, -1, -1)
+        levels = {name: _levels(self.blurred[name], size) for name in ("full", "face", "lip")} \
+            if size != SIZE or not self.masks else self.masks
+        order = sorted(levels["full"], reverse=True)
+        embedding = self.identity if self.identity is not None else torch.zeros(512)
+        return FaceInputs(embedding=embedding, region=region.contiguous(),
+                          full_masks=[levels["full"][s] for s in order], face_masks=[levels["face"][s] for s in order],
+                          lip_masks=[levels["lip"][s] for s in order])
+
+
+def _resize_u8(array: np.ndarray, size: int) -> np.ndarray:
+    """torchvision Resize on a PIL image: PIL bilinear with antialias."""
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.BILINEAR)).copy()
 
 
 def _expand_axis(lo: float, hi: float, limit: int, ratio: float) -> tuple[int, int]:
@@ -235,4 +267,4 @@ def encode_face(image: torch.Tensor, landmarker_path: str | Path,
     identity = identity_embedding(crop, landmarks, identity_model_path, notes)
     return FaceEncoding(pixels=pixels, landmarks=landmarks, face_box=masks.face_box, lip_box=masks.lip_box,
                         face_locator_input=masks.face_locator_input, masks=masks.masks, identity=identity,
-                        faces_found=len(faces), notes=notes, crop=(x, y, side))
+                        faces_found=len(faces), notes=notes, crop=(x, y, side), blurred=masks.blurred)

@@ -15,6 +15,7 @@ from typing import Iterable, Union
 import torch
 
 from ..errors import CheckpointError
+from ..state_dict import read_state_dict as _read
 from .config import XttsConfig
 from .model import XttsModel
 
@@ -58,26 +59,11 @@ def _resolve_files(folder_or_files) -> tuple[Path, Path, Path]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or the "model" dict of a torch checkpoint (read with weights_only=True)."""
+    """The checkpoint's tensors (narrate_model.state_dict reads both formats, weights-only)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path), device="cpu")
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt file, or pickled objects that weights_only refuses
-        raise CheckpointError(f"{path} could not be read as a weights-only checkpoint ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); it is not a usable XTTS-v2 checkpoint") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__}); "
-                              "it is not an XTTS-v2 checkpoint")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        return _read(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; it is not a usable XTTS-v2 checkpoint") from exc
 
 
 def normalize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
