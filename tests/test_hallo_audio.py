@@ -13,24 +13,10 @@ from narrate_model.hallo.audio import (
     AudioFeatures, encoder_layer_states, frame_aligned_cnn_features, frame_count, frame_windows, load_wav2vec,
     normalize, pad_to_clips, speech_features)
 from narrate_model.hallo.projections import AudioProjModel
+from small_checkpoints import write_wav2vec_folder
 
 HALLO = FIXTURES / "hallo"
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def write_wav2vec_folder(folder, weights=None, **config_changes):
-    """The tiny wav2vec2 as a transformers folder in wav2vec2-base-960h layout (config, weights, extractor)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = json.loads((HALLO / "tiny_wav2vec2_config.json").read_text())
-    extractor = config.pop("_feature_extractor")
-    config = {k: v for k, v in config.items() if not k.startswith("_")} | config_changes
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "preprocessor_config.json").write_text(json.dumps(extractor))
-    if weights is None:
-        shutil.copy(HALLO / "tiny_wav2vec2.safetensors", folder / "model.safetensors")
-    else:
-        save_file(weights, str(folder / "model.safetensors"))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from comfy_server import PACK_NAME, messages_of
 from conftest import MEDIA
 
 PACK_NODES = {"NFY_AVMux", "NFY_LoadXTTS", "NFY_TextBPE", "NFY_VoiceProfileEncode", "NFY_SpectrogramSynthesizer",
-              "NFY_Vocoder", "NFY_DownloadWeights"}
+              "NFY_Vocoder", "NFY_DownloadWeights", "NFY_LoadHallo", "NFY_LoadWav2Vec", "NFY_FaceEncode",
+              "NFY_SpeechFeatures", "NFY_VideoDiffusionSampler", "NFY_BatchedVAEDecode"}
 
 
 def test_server_imports_the_pack_without_failure_or_network(comfy_server, comfy):

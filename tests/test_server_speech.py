@@ -1,39 +1,19 @@
 """The speech graph on the real server, with a small XTTS checkpoint written in the real layout (config.json,
 model.pth with the weights under "model", vocab.json): LoadAudio -> Voice Profile Encode -> Text BPE ->
 Spectrogram Synthesizer -> Vocoder -> SaveAudio."""
-import dataclasses
 import io
-import json
-import shutil
 
 import av
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from comfy_server import messages_of
-from conftest import FIXTURES, MEDIA
-
-XTTS = FIXTURES / "xtts"
-
-
-@dataclasses.dataclass
-class TrainerConfig:
-    """Stands for the Coqpit config object coqui pickles next to the weights in the real model.pth."""
-    model_args: dict
+from conftest import MEDIA
+from small_checkpoints import write_xtts
 
 
 @pytest.fixture(scope="module")
 def small_xtts(comfy_server):
-    folder = comfy_server.base / "models" / "narrate" / "xtts" / "small-test"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(XTTS / "small_config.json", folder / "config.json")
-    shutil.copy(XTTS / "bpe_vocab.json", folder / "vocab.json")
-    # the trainer's layout: weights under "model", prefixed with "xtts." as coqui's trainer saves them
-    weights = {f"xtts.{k}": v for k, v in load_file(XTTS / "small_model.safetensors").items()}
-    config = TrainerConfig(json.loads((XTTS / "small_config.json").read_text()))
-    torch.save({"model": weights, "config": config}, folder / "model.pth")
-    return "small-test"
+    return write_xtts(comfy_server.base / "models")
 
 
 def speech_prompt(checkpoint: str, voice: str, text: str, seed: int = 0) -> dict:

@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Union
 import torch
 from ..errors import CheckpointError
 from ..state_dict import read_state_dict
-from .net import HalloNet
+from .net import HalloConfig, HalloNet, build_net, tiny_config
 
 PathLike = Union[str, Path]
 
@@ -66,3 +66,15 @@ def load_net(net: HalloNet, path: PathLike, motion_module_path: Optional[PathLik
             net.to(dtype)
     net.load_state_dict(state, strict=True, assign=on_meta)
     return net
+
+
+def load_hallo(path: PathLike, motion_module_path: Optional[PathLike] = None,
+               dtype: Optional[torch.dtype] = None) -> HalloNet:
+    """Hallo's Net from `net.pth` (or a safetensors copy) with the SD1.5 + default.yaml layout built into the code.
+
+    A JSON file next to the weights with the same name (`<name>.json`, the fixtures' `tiny_config.json` layout)
+    describes a non-standard Net, e.g. a reduced one for tests; without it the real Hallo layout is used.
+    """
+    sidecar = Path(path).with_suffix(".json")
+    config = tiny_config(sidecar) if sidecar.is_file() else HalloConfig()
+    return load_net(build_net(config, device="meta"), path, motion_module_path, dtype)
