@@ -10,8 +10,8 @@ from conftest import FIXTURES
 from narrate_model.errors import NarrateInputError
 from narrate_model.hallo.checkpoint import load_net
 from narrate_model.hallo.net import build_net, tiny_config
-from narrate_model.hallo.sampler import (FaceInputs, SamplerSettings, diffusers_vae_callables, make_scheduler,
-                                         sample_video)
+from narrate_model.hallo.sampler import (FaceInputs, SamplerSettings, diffusers_vae_callables, iter_video_clips,
+                                         make_scheduler, sample_video)
 
 HALLO = FIXTURES / "hallo"
 LEVELS = (16, 8, 4, 2)
@@ -117,6 +117,23 @@ def test_two_clips_carry_the_last_frames_over(net, vae, face, monkeypatch):
     assert len(decoded) == 1 and max_err(decoded[0], latents[14:16]) < 1e-5
     assert torch.allclose(second[0], ref_latents[0] * SCALE, atol=1e-6)
     assert torch.allclose(second[1:3], encoded[0] * SCALE, atol=1e-6)
+
+
+def test_clip_generator_streams_what_sample_video_returns(net, vae, face):
+    encode, decode = vae
+    ref_latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(8))
+    windows = torch.randn(9, 5, 2, 32, generator=torch.Generator().manual_seed(9))  # clips of 4: 4 + 4 + 1 frames
+    settings = SamplerSettings(steps=2, cfg=3.5, seed=11, clip_length=4, motion_frames=2)
+    seen = []
+    clips = iter_video_clips(net, face, windows, ref_latents, settings, vae_encode=encode, vae_decode=decode,
+                             progress=lambda done, total: seen.append(done))
+    first = next(clips)
+    assert seen == [1, 2]  # lazy: only the first clip has been denoised when it arrives
+    streamed = [first, *clips]
+    assert [tuple(c.shape) for c in streamed] == [(4, 4, 16, 16), (4, 4, 16, 16), (1, 4, 16, 16)]
+    assert all(c.device.type == "cpu" and c.dtype == torch.float32 for c in streamed)
+    whole = sample_video(net, face, windows, ref_latents, settings, vae_encode=encode, vae_decode=decode)
+    assert torch.equal(torch.cat(streamed), whole)
 
 
 def test_windows_and_projected_tokens_give_the_same_video(net, vae, inputs, face):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import diffusers
 import torch
@@ -193,16 +193,15 @@ def denoise_clip(net: HalloNet, scheduler: SchedulerMixin, generator: torch.Gene
 
 
 @torch.no_grad()
-def sample_video(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_windows: torch.Tensor,
-                 ref_latents: torch.Tensor, settings: Optional[SamplerSettings] = None, *,
-                 vae_encode: VaeEncode, vae_decode: VaeDecode, progress: ProgressFn = None) -> torch.Tensor:
-    """Generate the talking-face video latents for the whole audio.
+def iter_video_clips(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_windows: torch.Tensor,
+                     ref_latents: torch.Tensor, settings: Optional[SamplerSettings] = None, *,
+                     vae_encode: VaeEncode, vae_decode: VaeDecode, progress: ProgressFn = None
+                     ) -> Iterator[torch.Tensor]:
+    """Generate the video clip by clip, yielding each finished clip's unscaled latents [f, 4, h, w] (CPU, float32).
 
-    audio_tokens_or_windows: per video frame, either audio tokens [F, 32, 768] (after `audioproj`) or wav2vec
-      windows [F, 5, 12, 768] (before it). The last clip is padded by repeating the last frame and cut off again.
-    ref_latents: unscaled VAE latents of the reference image [1, 4, h, w].
-    Returns unscaled latents [F, 4, h, w] on the CPU (float32), one per audio frame.
-    Progress: one unit per denoising step over all clips.
+    Arguments as `sample_video`. Every clip has `clip_length` frames except the last, which is cut to the audio's
+    frame count. Only the motion frames are carried from one clip to the next, so memory does not grow with the
+    audio's length: a consumer that decodes or writes each clip as it comes streams the video.
     """
     settings = settings or SamplerSettings()
     audio = audio_tokens_or_windows
@@ -210,7 +209,6 @@ def sample_video(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_windows
     scale, clip_length, n_motion = net.config.latent_scale, settings.clip_length, settings.motion_frames
     frames = audio.shape[0]
     clips = math.ceil(frames / clip_length)
-    audio = torch.cat([audio, audio[-1:].expand(clips * clip_length - frames, *audio.shape[1:])])
 
     cfg = settings.cfg > 1.0
     cond = ClipConditioning(net, face_inputs, clip_length, cfg)
@@ -225,14 +223,31 @@ def sample_video(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_windows
         done += 1
         report(progress, done, total)
 
-    results = []
-    for clip in range(clips):
-        tokens = _clip_audio_tokens(net, audio[clip * clip_length:(clip + 1) * clip_length], cfg)
+    for start in range(0, frames, clip_length):
+        clip_audio = audio[start:start + clip_length]
+        kept = clip_audio.shape[0]
+        # the last clip is padded by repeating its last frame (and cut back below)
+        clip_audio = torch.cat([clip_audio, clip_audio[-1:].expand(clip_length - kept, *audio.shape[1:])])
+        tokens = _clip_audio_tokens(net, clip_audio, cfg)
         latents = denoise_clip(net, scheduler, generator, cond, tokens, torch.cat([reference, motion]), settings,
                                on_step=step_done)
-        results.append(latents[0].transpose(0, 1).float().cpu())  # [f, 4, h, w]; only motion frames stay behind
-        if clip + 1 < clips and n_motion:
+        if start + clip_length < frames and n_motion:
             # Hallo feeds the last generated frames back through pixels: decode, then encode again
             tail = latents[0, :, -n_motion:].transpose(0, 1) / scale
             motion = vae_encode(vae_decode(tail)).to(net.device, torch.float32) * scale
-    return torch.cat(results)[:frames] / scale
+        yield latents[0, :, :kept].transpose(0, 1).float().cpu() / scale  # [f, 4, h, w]
+
+
+def sample_video(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_windows: torch.Tensor,
+                 ref_latents: torch.Tensor, settings: Optional[SamplerSettings] = None, *,
+                 vae_encode: VaeEncode, vae_decode: VaeDecode, progress: ProgressFn = None) -> torch.Tensor:
+    """Generate the talking-face video latents for the whole audio.
+
+    audio_tokens_or_windows: per video frame, either audio tokens [F, 32, 768] (after `audioproj`) or wav2vec
+      windows [F, 5, 12, 768] (before it). The last clip is padded by repeating the last frame and cut off again.
+    ref_latents: unscaled VAE latents of the reference image [1, 4, h, w].
+    Returns unscaled latents [F, 4, h, w] on the CPU (float32), one per audio frame.
+    Progress: one unit per denoising step over all clips.
+    """
+    return torch.cat(list(iter_video_clips(net, face_inputs, audio_tokens_or_windows, ref_latents, settings,
+                                           vae_encode=vae_encode, vae_decode=vae_decode, progress=progress)))
