@@ -126,6 +126,52 @@ def test_stop_token_ends_generation(io_gen):
     torch.testing.assert_close(out.latents, second_pass, **TOL)
 
 
+def _sentences(io_gen):
+    """Three sentences of different lengths (so the batch is left-padded) from the fixture's text ids."""
+    ids = io_gen["text_ids"][0]
+    return [ids, ids[3:], ids.flip(0)[:7]]
+
+
+def test_batched_greedy_equals_sequential(gpt, io_gen):
+    cond = io_gen["cond_latent"]
+    texts = _sentences(io_gen)
+    batch = gpt.generate_batch(texts, cond, greedy(10.0), record_scores=True)
+    assert torch.equal(batch[0].codes, io_gen["rep10.codes"])  # the padded batch still matches upstream
+    for text, got in zip(texts, batch):
+        alone = gpt.generate(text[None], cond, greedy(10.0), record_scores=True)
+        assert torch.equal(got.codes, alone.codes) and got.stopped == alone.stopped
+        assert max_err(got.latents, alone.latents) < 1e-4
+        assert max_err(got.step_logits, alone.step_logits) < 1e-4
+
+
+def test_batched_sentences_stop_on_their_own(io_gen):
+    model = load_small_gpt()
+    cond, texts = io_gen["cond_latent"], _sentences(io_gen)
+    ref = model.generate(texts[1][None], cond, greedy(10.0), record_scores=True)
+    stop = model.cfg.gpt_stop_audio_token
+    deficit = ref.step_scores.max(dim=1).values - ref.step_scores[:, stop]
+    with torch.no_grad():  # just enough for sentence 1 to stop after a few codes
+        model.mel_head.bias[stop] += deficit[4:].min().item() + 1e-3
+    alone = [model.generate(t[None], cond, greedy(10.0)) for t in texts]
+    batch = model.generate_batch(texts, cond, greedy(10.0))
+    assert alone[1].stopped and alone[1].codes.shape[1] < 30
+    for a, b in zip(alone, batch):
+        assert torch.equal(a.codes, b.codes) and a.stopped == b.stopped
+        assert a.latents.shape == b.latents.shape and max_err(a.latents, b.latents) < 1e-4
+
+
+def test_batched_sampling_equals_sequential_with_per_sentence_seeds(gpt, io_gen):
+    cond, texts = io_gen["cond_latent"], _sentences(io_gen)
+    params = SamplingParams(max_new_tokens=20, seed=7)
+    batch = gpt.generate_batch(texts, cond, params)  # sentence i seeded 7 + i
+    for i, (text, got) in enumerate(zip(texts, batch)):
+        alone = gpt.generate(text[None], cond, SamplingParams(max_new_tokens=20, seed=7 + i))
+        assert torch.equal(got.codes, alone.codes)
+        assert max_err(got.latents, alone.latents) < 1e-4
+    swapped = gpt.generate_batch([texts[1], texts[0]], cond, params, seeds=[8, 7])
+    assert torch.equal(swapped[0].codes, batch[1].codes) and torch.equal(swapped[1].codes, batch[0].codes)
+
+
 def test_sampling_is_reproducible_per_seed_and_differs_across_seeds(gpt, io_gen):
     text, cond = io_gen["text_ids"], io_gen["cond_latent"]
     a = gpt.generate(text, cond, SamplingParams(max_new_tokens=20, seed=7))

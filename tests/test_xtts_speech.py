@@ -57,6 +57,21 @@ def test_chunks_are_spoken_in_order_and_audio_length_follows_the_codes(small):
     assert speech.num_codes == sum(c.codes.shape[1] for c in speech.chunks)
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_batched_chunks_equal_chunks_one_after_another(small, do_sample):
+    model, tok, io = small
+    tokens = tokenize(tok, "First sentence here, then more. " * 25 + "A short end.", "en")
+    assert len(tokens.chunks) >= 3
+    params = SamplingParams(do_sample=do_sample, seed=3, max_new_tokens=15)
+    with torch.inference_mode():
+        one_by_one = synthesize(model, tokens, _voice(io), params, batch_size=1)
+        for batch_size in (2, len(tokens.chunks)):  # uneven groups, and all chunks in one pass
+            batched = synthesize(model, tokens, _voice(io), params, batch_size=batch_size)
+            for a, b in zip(one_by_one.chunks, batched.chunks, strict=True):
+                assert torch.equal(a.codes, b.codes)
+                torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=0)
+
+
 def test_same_seed_same_speech_other_seed_other_speech(small):
     model, tok, io = small
     tokens = tokenize(tok, TEXT, "en")

@@ -8,7 +8,7 @@ vocoder consumes for code i is `final_norm` of the last hidden state at the inpu
 State-dict keys are the checkpoint's `gpt.*` keys without the `gpt.` prefix (GPT-2 `Conv1D` weights stay [in, out]).
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,8 @@ class SelfAttention(nn.Module):
         self.c_attn = Conv1D(dim, 3 * dim)
         self.c_proj = Conv1D(dim, dim)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.c_attn(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         first = cache is None or cache.length == 0
@@ -68,8 +69,10 @@ class SelfAttention(nn.Module):
             k, v = cache.extend(layer, k, v)
         if not first and t > 1:
             raise ValueError("KV-cached steps feed one position at a time")
-        # Causal mask only over a fresh sequence; a single cached step may see every earlier position.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=first and t > 1)
+        if mask is not None:  # padded batch: the caller's mask [B,1,t,keys] already holds causality
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # causal mask only over a fresh sequence; a single cached step may see every earlier position
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=first and t > 1)
         return self.c_proj(out.transpose(1, 2).reshape(b, t, c))
 
 
@@ -93,8 +96,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = MLP(dim)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -106,9 +110,11 @@ class GPT2Stack(nn.Module):
         self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask: optional boolean attention mask [B,1,T,keys] (True = may attend), for left-padded batches."""
         for i, block in enumerate(self.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.ln_f(x)
@@ -207,54 +213,102 @@ class XttsGPT(nn.Module):
         """Autoregressive codes for one sentence (batch 1) with a KV cache, plus the vocoder latents.
 
         The latents are collected during generation (the same states upstream's second teacher-forced pass
-        recomputes), so no second pass is run."""
+        recomputes), so no second pass is run. Sampling is seeded with params.seed."""
+        if text_ids.shape[0] != 1 or cond_latent.shape[0] != 1:
+            raise ValueError("generate() takes one sentence (batch 1); use generate_batch() for several")
+        params = params or SamplingParams()
+        return self.generate_batch([text_ids[0]], cond_latent, params, progress, record_scores,
+                                   seeds=[params.seed])[0]
+
+    @torch.no_grad()
+    def generate_batch(self, text_ids: Sequence, cond_latent: torch.Tensor, params: Optional[SamplingParams] = None,
+                       progress: ProgressFn = None, record_scores: bool = False,
+                       seeds: Optional[Sequence[int]] = None) -> list[GenerationResult]:
+        """Several sentences generated together, one batched KV-cached pass per step; one result per sentence.
+
+        text_ids: token ids per sentence (lists or 1-D tensors, lengths may differ); cond_latent [1 or B, 32, C].
+        Each result equals `generate()` of that sentence alone (same codes under greedy decoding, latents within
+        float rounding): prefixes are left-padded and the padding is masked out of attention, the positions are
+        XTTS's own per-part embeddings (added before padding), and each sentence keeps its own repetition-penalty
+        history, stop and random generator — sentence i is seeded seeds[i] (default params.seed + i, as
+        `speech.synthesize` seeds its chunks). The step cost is dominated by reading the weights, which a batch
+        shares, so B sentences take far less than B times one."""
         params = params or SamplingParams()
         params.validate()
         cfg = self.cfg
-        if text_ids.shape[0] != 1 or cond_latent.shape[0] != 1:
-            raise ValueError("generate() takes one sentence (batch 1)")
+        if len(text_ids) == 0:
+            raise ValueError("generate_batch() needs at least one sentence")
+        device = self.mel_embedding.weight.device
+        rows = [torch.as_tensor(ids, dtype=torch.long, device=device).reshape(1, -1) for ids in text_ids]
+        batch = len(rows)
+        if cond_latent.shape[0] not in (1, batch):
+            raise ValueError(f"cond_latent has batch {cond_latent.shape[0]}; expected 1 or {batch}")
+        seeds = [params.seed + i for i in range(batch)] if seeds is None else list(seeds)
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} sentences")
         max_new = params.max_new_tokens or cfg.max_gen_mel_tokens
         if max_new > cfg.max_gen_mel_tokens:
             raise NarrateInputError("max_new_tokens", f"{max_new} exceeds the model's limit of "
                                                       f"{cfg.max_gen_mel_tokens} codes per sentence.")
-        prefix = self.prefix_embeddings(text_ids, cond_latent)
-        device, vocab = prefix.device, cfg.gpt_num_audio_tokens
-        cache = KVCache(cfg.gpt_layers, 1, self.heads, prefix.shape[1] + max_new, prefix.shape[2] // self.heads,
-                        prefix)
-        generator = torch.Generator(device=device).manual_seed(int(params.seed))
+        prefixes = [self.prefix_embeddings(r, cond_latent[min(i, cond_latent.shape[0] - 1)][None])
+                    for i, r in enumerate(rows)]
+        width = max(p.shape[1] for p in prefixes)
+        dim, vocab = prefixes[0].shape[2], cfg.gpt_num_audio_tokens
+        # left padding: every sentence's last prefix position lines up, so all share one cache length per step
+        start = torch.full((1, 1), cfg.gpt_start_audio_token, dtype=torch.long, device=device)
+        x = torch.cat([torch.cat([p.new_zeros(1, width - p.shape[1], dim), p], dim=1) for p in prefixes])
+        x = torch.cat([x, self.mel_embeddings(start).expand(batch, 1, dim)], dim=1)
+        cache = KVCache(cfg.gpt_layers, batch, self.heads, width + 1 + max_new, dim // self.heads, x)
+        keys_real = torch.ones(batch, width + 1 + max_new, dtype=torch.bool, device=device)
+        for i, p in enumerate(prefixes):
+            keys_real[i, :width - p.shape[1]] = False
+        padded = not bool(keys_real.all())
+        mask = None
+        if padded:  # causal, padding hidden from real queries; pad queries see earlier pads (no empty softmax row)
+            causal = torch.ones(width + 1, width + 1, dtype=torch.bool, device=device).tril()
+            real = keys_real[:, :width + 1]
+            mask = (causal & (real[:, None, :] | ~real[:, :, None]))[:, None]
+
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         # Upstream quirk: HF generate() sees fake prompt ids [1]*len(prefix) + [start_audio], so its repetition
         # penalty hits ids 1 and 1024 from the first step on.
-        seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
-        seen[0, [1, cfg.gpt_start_audio_token]] = True
-
-        latents = prefix.new_empty(1, max_new, prefix.shape[2])
-        codes = torch.empty(1, max_new, dtype=torch.long, device=device)
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        seen[:, [1, cfg.gpt_start_audio_token]] = True
+        latents = x.new_empty(batch, max_new, dim)
+        codes = torch.empty(batch, max_new, dtype=torch.long, device=device)
         logs = [] if record_scores else None
-        start = torch.full((1, 1), cfg.gpt_start_audio_token, dtype=torch.long, device=device)
-        x = torch.cat([prefix, self.mel_embeddings(start)], dim=1)
-        stopped, steps = False, 0
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        steps_taken = torch.zeros(batch, dtype=torch.long, device=device)  # tokens emitted, a stop included
+        steps = 0
         while steps < max_new:
-            latent = self.final_norm(self.gpt(x, cache)[:, -1])
+            latent = self.final_norm(self.gpt(x, cache, mask)[:, -1])
             latents[:, steps] = latent
             logits = self.mel_head(latent)
             scores = process_scores(logits, seen, params)
-            code = choose(scores, params, generator)
+            code = choose(scores, params, generators)
             if logs is not None:
                 logs.append((logits.float(), scores))
+            codes[:, steps] = code
+            steps_taken += active
             steps += 1
-            if code.item() == cfg.gpt_stop_audio_token:
-                stopped = True
+            active &= code != cfg.gpt_stop_audio_token
+            if not bool(active.any()):
                 break
-            codes[:, steps - 1] = code
-            seen[0, code] = True
+            seen.scatter_(1, code[:, None], True)
             x = self.mel_embeddings(code[:, None], steps)
+            if padded:
+                mask = keys_real[:, None, None, :cache.length + 1]
             if steps % PROGRESS_BLOCK == 0:
                 report(progress, steps, max_new)
         report(progress, max_new, max_new)
 
-        n_codes = steps - 1 if stopped else steps
-        result = GenerationResult(codes[:, :n_codes], apply_speed(latents[:, :steps], params.speed), stopped)
-        if logs is not None:
-            result.step_logits = torch.cat([l for l, _ in logs])
-            result.step_scores = torch.cat([s for _, s in logs])
-        return result
+        results = []
+        for i, n in enumerate(steps_taken.tolist()):
+            stopped = bool(codes[i, n - 1] == cfg.gpt_stop_audio_token)
+            result = GenerationResult(codes[i:i + 1, :n - 1 if stopped else n],
+                                      apply_speed(latents[i:i + 1, :n], params.speed), stopped)
+            if logs is not None:
+                result.step_logits = torch.stack([l[i] for l, _ in logs[:n]])
+                result.step_scores = torch.stack([s[i] for _, s in logs[:n]])
+            results.append(result)
+        return results

@@ -4,7 +4,7 @@ Order and formulas follow transformers' processors as XTTS drives them (num_beam
 then, only when sampling, temperature -> top-k -> top-p; greedy decoding takes the argmax of the penalised scores.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -87,8 +87,16 @@ def process_scores(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPar
     return scores
 
 
-def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """Pick one id per row [B] from processed scores: argmax when greedy, else a draw from softmax(scores)."""
+def choose(scores: torch.Tensor, params: SamplingParams,
+           generator: Union[torch.Generator, Sequence[torch.Generator]]) -> torch.Tensor:
+    """Pick one id per row [B] from processed scores: argmax when greedy, else a draw from softmax(scores).
+
+    `generator` may be one per row, so each row draws exactly what it would draw alone with that generator."""
     if not params.do_sample:
         return scores.argmax(dim=-1)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = scores.softmax(dim=-1)
+    if isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).view(-1)

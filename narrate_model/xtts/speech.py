@@ -5,7 +5,7 @@ one implementation: `synthesize` (GPT, per chunk) and `vocode` (HiFi-GAN, per ch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +14,10 @@ from ..progress import ProgressFn, report
 from .gpt import GenerationResult
 from .sampling import SamplingParams
 from .text import TextTokens
+
+# Chunks generated together. A step reads every GPT weight once whatever the batch, so a batch costs little more
+# than one chunk; the KV cache grows with it (about 170 MB per chunk at the full 602-code window, fp32).
+BATCH_SIZE = 4
 
 
 @dataclass
@@ -36,25 +40,32 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def synthesize(model, tokens: TextTokens, voice, params: SamplingParams, progress: ProgressFn = None) -> SpeechLatents:
-    """Generates every chunk of `tokens` in the voice; chunk i is seeded with params.seed + i."""
+def synthesize(model, tokens: TextTokens, voice, params: SamplingParams, progress: ProgressFn = None,
+               batch_size: int = BATCH_SIZE) -> SpeechLatents:
+    """Generates every chunk of `tokens` in the voice; chunk i is seeded with params.seed + i.
+
+    Up to `batch_size` chunks are generated together in one batched pass (`XttsGPT.generate_batch`): the result is
+    the same as one chunk after another, but the weights are read once per step for the whole group."""
     if not tokens.ids or not any(tokens.ids):
         raise NarrateInputError("tokens", "there is no text to speak; give Text BPE a non-empty text.")
     cfg, device = model.gpt.cfg, _device_of(model)
     dtype = next(model.gpt.parameters()).dtype
     cond = voice.gpt_cond_latent.to(device, dtype)
-    per_chunk = params.max_new_tokens or cfg.max_gen_mel_tokens
-    total = per_chunk * len(tokens.ids)
-    chunks = []
     for i, ids in enumerate(tokens.ids):
         # the GPT's text window holds gpt_max_text_tokens; the text splitter keeps chunks well under it
         if len(ids) > cfg.gpt_max_text_tokens:
             raise NarrateInputError("tokens", f"chunk {i + 1} has {len(ids)} tokens, more than the model's "
                                               f"{cfg.gpt_max_text_tokens}; turn on split_sentences in Text BPE.")
-        text_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        chunk_progress = None if progress is None else (lambda d, t, i=i: progress(i * per_chunk + d, total))
-        chunks.append(model.gpt.generate(text_ids, cond, replace(params, seed=params.seed + i), chunk_progress))
-        report(progress, (i + 1) * per_chunk, total)
+    per_chunk = params.max_new_tokens or cfg.max_gen_mel_tokens
+    total = per_chunk * len(tokens.ids)
+    chunks = []
+    for first in range(0, len(tokens.ids), max(1, batch_size)):
+        group = tokens.ids[first:first + max(1, batch_size)]
+        group_progress = None if progress is None else (
+            lambda d, t, first=first, n=len(group): progress(first * per_chunk + d * n, total))
+        chunks += model.gpt.generate_batch(group, cond, params, group_progress,
+                                           seeds=[params.seed + first + j for j in range(len(group))])
+        report(progress, (first + len(group)) * per_chunk, total)
     hop = cfg.gpt_code_stride_len * cfg.output_sample_rate / cfg.input_sample_rate
     return SpeechLatents(chunks, cfg.output_sample_rate, hop)
 
