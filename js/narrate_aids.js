@@ -18,7 +18,8 @@ const GOOD_VOICE_S = 3; // RECOMMENDED_SECONDS
 
 const STYLE = `
 .nfy-readout { font: 11px/1.4 ui-monospace, monospace; color: var(--input-text, #ddd); padding: 2px 6px;
-  white-space: pre-wrap; overflow: hidden; box-sizing: border-box; }
+  overflow: hidden; box-sizing: border-box; }
+.nfy-readout > div { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .nfy-readout .nfy-warn { color: #f0b040; }
 .nfy-readout .nfy-error { color: #ff6b6b; font-weight: bold; }`;
 
@@ -40,9 +41,10 @@ function addReadout(node, name, lines) {
   const element = document.createElement("div");
   element.className = "nfy-readout";
   element.dataset.nfy = name;
-  const height = () => 6 + 15.4 * Math.max(lines, element.childElementCount);
+  // The frontend takes the widget's margin off both ends of this height (older ones: a fixed 10 px).
+  const height = () => 2 * (widget.margin ?? 10) + 4 + 15.4 * Math.max(lines, element.childElementCount);
   const widget = node.addDOMWidget(name, "nfy_readout", element, {
-    serialize: false, hideOnZoom: false, getValue: () => "", setValue: () => {},
+    serialize: false, hideOnZoom: false, margin: 4, getValue: () => "", setValue: () => {},
     getMinHeight: height, getMaxHeight: height,
   });
   widget.serialize = false;
@@ -52,7 +54,7 @@ function addReadout(node, name, lines) {
 function show(node, element, lines) { // lines: [text, level] with level "", "warn" or "error"
   element.replaceChildren(...lines.map(([text, level]) => {
     const line = document.createElement("div");
-    line.textContent = text;
+    line.textContent = line.title = text; // one row per line; a narrow node shows the rest on hover
     if (level) line.className = `nfy-${level}`;
     return line;
   }));

@@ -28,8 +28,11 @@ pytestmark = pytest.mark.skipif(
 EXTENSION = f"/extensions/{PACK_NAME}/"  # WEB_DIRECTORY, served under the pack's folder name
 OUR_SCRIPTS = ("/narrate_aids.js", "/text_chunks.js")
 EN_CHARS_PER_SECOND = 14  # js/text_chunks.js: the documented speaking-rate estimate
-# The frontend's own settings onChange handler rejects a promise once at start-up (not ours).
-BENIGN = ("Comfy.", "settings")
+# What the frontend 1.32 and the server log on every start, whatever the pack does: files a fresh user has not got
+# (404), the blocked call to api.comfy.org (the page's CSP, and offline anyway), and the frontend's own settings
+# onChange handler failing once at load; and the preview a new LoadAudio / LoadVideo fetches before the test has set
+# its file (its list was empty when the page loaded).
+FRONTEND_NOISE = ("/user.css", "/favicon.ico", "/api/userdata", "api.comfy.org", "at onChange (", "filename=undefined")
 
 
 def expected_stats(text: str, language: str, split: bool = True, fps: float = 25) -> dict:
@@ -72,7 +75,7 @@ def page(comfy_server):
     settings.parent.mkdir(parents=True, exist_ok=True)
     stored = json.loads(settings.read_text()) if settings.exists() else {}
     settings.write_text(json.dumps({**stored, "Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
-    with Browser(CHROMIUM) as browser:
+    with Browser(CHROMIUM, window=(1840, 1080)) as browser:
         browser.navigate(comfy_server.url)
         browser.wait_for("window.app?.graph && app.extensions?.some(e => e.name === 'narrating_for_you.aids')", 60)
         browser.evaluate("app.graph.clear()")  # not the default SD graph: only what the tests build
@@ -116,7 +119,7 @@ def test_the_extension_loads_once_without_errors(page, comfy_server):
 def test_js_splitter_cuts_the_same_chunks_as_python(page):
     rng = random.Random(7)
     words = ["hello", "world", "Dr.", "3.5", "it's", "naïve", "«quoted»", "(aside)", "x" * 30, "日本語の文", "中文句子",
-             "ok", "😀", "\u00a0", "end."]
+             "ok", "😀", "\u00a0", "end.", "\x85", "a\x1cb", "\ufeffz"]  # whitespace to Python only / JS only
     marks = ["", "", "", ".", "!", "?", "…", ",", ";", ":", " —", "。", "！", "、", "\n", "?!", ".\"", "؟", "।"]
     texts = ["Hello! This is my voice, narrating for you.", "One.\n\nTwo?  Three…four", "a" * 600, "   ",
              "第一句。第二句！第三句？" * 20, "Он сказал: «Привет». А потом ушёл; всё."]
@@ -257,6 +260,25 @@ def test_narrate_readouts_follow_its_fps_and_voice(page, narrate_node_type, clip
     assert "voice: 6.0 s" in readout(page, node, "nfy_voice_readout")["text"]
 
 
+def test_screenshot_of_the_aids_and_no_errors_of_our_own(page, tmp_path):
+    node = add_node(page, "NFY_TextBPE", (40, 40), (440, 250))
+    page.evaluate(f"""(() => {{ const w = app.graph.getNodeById({node}).widgets.find(w => w.name === 'text');
+        w.inputEl.value = {json.dumps("Hello! This is my voice, narrating for you. " * 7 + "Thank you.")};
+        w.inputEl.dispatchEvent(new Event('input'));
+        app.canvas.ds.offset = [30, 110]; app.canvas.ds.scale = 1; app.graph.setDirtyCanvas(true, true); }})()""")
+    page.evaluate("new Promise(r => setTimeout(r, 600))")  # let the canvas and the DOM widgets settle
+    shot = page.screenshot(tmp_path / "frontend_narrate.png")
+    if os.environ.get("NFY_ARTIFACTS"):
+        Path(os.environ["NFY_ARTIFACTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["NFY_ARTIFACTS"]) / shot.name)
+    assert shot.stat().st_size > 10_000
+    assert own_errors(page) == [], own_errors(page)
+    errors = [m for m in page.console if m["type"] == "error"]
+    unexpected = [e for e in errors if not any(n in e["text"] + e["url"] for n in FRONTEND_NOISE)]
+    assert unexpected == [], unexpected
+    assert page.exceptions == []
+
+
 WORKFLOWS = sorted((REPO / "workflows").glob("*_ui.json"))
 
 
@@ -281,21 +303,5 @@ def test_shipped_workflows_load_with_their_readouts(page, workflow):
         if node["type"] in ("NFY_VoiceProfileEncode", "NFY_Narrate"):
             assert "nfy_voice_readout" in node["widgets"], (workflow.name, node)
     assert page.exceptions[before:] == []
-
-
-def test_screenshot_of_the_aids_and_no_errors_of_our_own(page, tmp_path):
-    node = add_node(page, "NFY_TextBPE", (40, 40), (440, 250))
-    page.evaluate(f"""(() => {{ const w = app.graph.getNodeById({node}).widgets.find(w => w.name === 'text');
-        w.inputEl.value = {json.dumps("Hello! This is my voice, narrating for you. " * 3 + "Merci beaucoup.")};
-        w.inputEl.dispatchEvent(new Event('input'));
-        app.canvas.ds.offset = [20, 40]; app.canvas.ds.scale = 1; app.graph.setDirtyCanvas(true, true); }})()""")
-    page.evaluate("new Promise(r => setTimeout(r, 600))")  # let the canvas and the DOM widgets settle
-    shot = page.screenshot(tmp_path / "frontend_narrate.png")
-    if os.environ.get("NFY_ARTIFACTS"):
-        Path(os.environ["NFY_ARTIFACTS"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(os.environ["NFY_ARTIFACTS"]) / shot.name)
-    assert shot.stat().st_size > 10_000
-    assert own_errors(page) == [], own_errors(page)
-    unexpected = [e for e in page.exceptions if not all(word in e["text"] + e["stack"] for word in BENIGN)]
-    print("page exceptions:", page.exceptions, "\nconsole errors:", [m for m in page.console if m["type"] == "error"])
-    assert not [e for e in unexpected if EXTENSION in e["stack"]], unexpected
+    # A workflow names input files this server may not have: their 404s are expected, nothing else of ours is.
+    assert [e for e in own_errors(page) if "Failed to load resource" not in e["text"]] == []
