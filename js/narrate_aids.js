@@ -1,6 +1,6 @@
 // Narrating For You: small read-outs on the pack's nodes, so problems show while the graph is being built.
 //  1. Text (NFY_TextBPE, NFY_Narrate): characters, sentence chunks (longest against the language's limit), the
-//     estimated speech length and the frame count it makes at the node's fps.
+//     estimated speech length (at the node's speed) and the frame count it makes at the node's fps.
 //  2. Voice (NFY_VoiceProfileEncode, NFY_Narrate): the length of the clip a linked LoadAudio holds, decoded in the
 //     browser, with a warning under 3 s and an error under 1 s (the node refuses those).
 //  3. Video (NFY_AVMux, NFY_StreamToMP4, NFY_Narrate): the frontend itself previews {"images": [mp4],
@@ -77,16 +77,18 @@ function updateText(node) {
   }
   const language = widgetOf(node, "language")?.value ?? "en";
   const split = widgetOf(node, "split_sentences")?.value ?? true;
-  const fpsValue = Number(widgetOf(node, "fps")?.value);
-  const fps = fpsValue > 0 ? fpsValue : DEFAULT_FPS;
-  const s = textStats(widgetOf(node, "text")?.value, language, split, fps);
+  const positive = (name, otherwise) => (Number(widgetOf(node, name)?.value) > 0 ? Number(widgetOf(node, name).value)
+                                                                                  : otherwise);
+  const s = textStats(widgetOf(node, "text")?.value, language, split, positive("fps", DEFAULT_FPS),
+                      positive("speed", 1));
   Object.assign(element.dataset, {
     chars: s.chars, chunks: s.chunks, longest: s.longest, limit: s.limit, seconds: s.seconds, frames: s.frames,
-    fps: s.fps,
+    fps: s.fps, speed: s.speed,
   });
+  const atSpeed = s.speed === 1 ? "" : ` at speed ${+s.speed.toFixed(2)}`;
   const lines = [
     [`${s.chars} chars · ${s.chunks} chunk${s.chunks === 1 ? "" : "s"} · longest ${s.longest}/${s.limit} (${language})`, ""],
-    [`≈ ${s.seconds.toFixed(1)} s of speech · ${s.frames} frames @ ${+s.fps.toFixed(3)} fps`, ""],
+    [`≈ ${s.seconds.toFixed(1)} s of speech${atSpeed} · ${s.frames} frames @ ${+s.fps.toFixed(3)} fps`, ""],
   ];
   if (s.overLimit) {
     lines.push([`⚠ over the ${s.limit}-char limit for ${language}: the speech may be cut short; ` +
@@ -97,7 +99,7 @@ function updateText(node) {
 
 function setupText(node) {
   node.nfyTextReadout = addReadout(node, "nfy_text_readout", 3);
-  for (const name of ["text", "language", "split_sentences", "fps"]) {
+  for (const name of ["text", "language", "split_sentences", "fps", "speed"]) {
     const widget = widgetOf(node, name);
     if (widget) after(widget, "callback", () => updateText(node));
   }

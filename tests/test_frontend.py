@@ -35,12 +35,12 @@ EN_CHARS_PER_SECOND = 14  # js/text_chunks.js: the documented speaking-rate esti
 FRONTEND_NOISE = ("/user.css", "/favicon.ico", "/api/userdata", "api.comfy.org", "at onChange (", "filename=undefined")
 
 
-def expected_stats(text: str, language: str, split: bool = True, fps: float = 25) -> dict:
+def expected_stats(text: str, language: str, split: bool = True, fps: float = 25, speed: float = 1) -> dict:
     """The read-out as the Python side defines it: tokenize() strips the text, then split_sentences cuts it."""
     text = text.strip()
     chunks = split_sentences(text, language) if split else [text]
     chars = sum(len(c) for c in chunks)
-    seconds = chars / (EN_CHARS_PER_SECOND * char_limit(language) / 250)
+    seconds = chars / (EN_CHARS_PER_SECOND * char_limit(language) / 250) / speed
     return {"chars": chars, "chunks": len(chunks), "longest": max(map(len, chunks)), "limit": char_limit(language),
             "frames": math.ceil(seconds * fps), "seconds": seconds}
 
@@ -177,7 +177,8 @@ def narrate_node_type(page, comfy_server) -> str:
     if "NFY_Narrate" not in info:
         text_bpe = info["NFY_TextBPE"]
         required = {k: text_bpe["input"]["required"][k] for k in ("text", "language")}
-        required |= {"voice": ["AUDIO", {}], "fps": ["FLOAT", {"default": 25.0, "min": 1.0, "max": 240.0}]}
+        required |= {"voice": ["AUDIO", {}], "fps": ["FLOAT", {"default": 25.0, "min": 1.0, "max": 60.0}],
+                     "speed": ["FLOAT", {"default": 1.0, "min": 0.25, "max": 4.0}]}
         definition = {**text_bpe, "name": "NFY_Narrate", "display_name": "Narrate (stand-in)", "output_node": True,
                       "input": {"required": required}, "input_order": {"required": list(required)},
                       "output": ["VIDEO"], "output_name": ["VIDEO"], "output_is_list": [False]}
@@ -241,20 +242,21 @@ def test_muxed_video_plays_inline_with_its_sound(page, comfy_server):
     assert decoded["audio"] > 0 and decoded["video"] > 0 and not decoded["muted"], decoded
 
 
-def test_narrate_readouts_follow_its_fps_and_voice(page, narrate_node_type, clips):
-    node = add_node(page, narrate_node_type, (1320, 40), (440, 320))
-    loader = add_node(page, "LoadAudio", (1320, 420), (320, 200))
+def test_narrate_readouts_follow_its_fps_speed_and_voice(page, narrate_node_type, clips):
+    node = add_node(page, narrate_node_type, (1320, 40))
+    bottom = page.evaluate(f"(n => n.pos[1] + n.size[1])(app.graph.getNodeById({node}))")
+    loader = add_node(page, "LoadAudio", (1320, bottom + 60), (320, 200))
     text = "Bonjour ! Je suis ta voix, et je raconte pour toi. " * 4
     page.evaluate(f"""(() => {{ const n = app.graph.getNodeById({node}), w = n.widgets.find(w => w.name === 'text');
         w.inputEl.value = {json.dumps(text)}; w.inputEl.dispatchEvent(new Event('input'));
-        for (const [name, value] of [['language', 'fr'], ['fps', 30]]) {{
+        for (const [name, value] of [['language', 'fr'], ['fps', 30], ['speed', 1.25]]) {{
             const v = n.widgets.find(w => w.name === name); v.value = value; v.callback?.(v.value); }}
         const a = app.graph.getNodeById({loader}).widgets.find(w => w.name === 'audio');
         a.value = '{clips[6.0]}'; a.callback?.(a.value); }})()""")
-    shown, want = readout(page, node, "nfy_text_readout"), expected_stats(text, "fr", fps=30)
+    shown, want = readout(page, node, "nfy_text_readout"), expected_stats(text, "fr", fps=30, speed=1.25)
     assert (int(shown["chars"]), int(shown["chunks"]), int(shown["frames"]), float(shown["fps"])) == \
            (want["chars"], want["chunks"], want["frames"], 30)
-    assert f"{want['frames']} frames @ 30 fps" in shown["text"]
+    assert f"≈ {want['seconds']:.1f} s of speech at speed 1.25 · {want['frames']} frames @ 30 fps" in shown["text"]
     connect(page, loader, 0, node, "voice")
     page.wait_for(f"app.graph.getNodeById({node}).nfyVoiceReadout.dataset.seconds", 20)
     assert "voice: 6.0 s" in readout(page, node, "nfy_voice_readout")["text"]
@@ -294,10 +296,9 @@ def test_shipped_workflows_load_with_their_readouts(page, workflow):
         if node["type"] in ("NFY_TextBPE", "NFY_Narrate"):
             shown = node["widgets"]["nfy_text_readout"]
             if not node["linkedText"] and node["widgets"]["text"].strip():
-                fps = float(node["widgets"].get("fps", 25))
-                want = expected_stats(node["widgets"]["text"], node["widgets"]["language"],
-                                      node["widgets"]["split_sentences"] if "split_sentences" in node["widgets"]
-                                      else True, fps)
+                widgets = node["widgets"]
+                want = expected_stats(widgets["text"], widgets["language"], widgets.get("split_sentences", True),
+                                      float(widgets.get("fps", 25)), float(widgets.get("speed", 1)))
                 assert (int(shown["chars"]), int(shown["chunks"]), int(shown["frames"])) == \
                        (want["chars"], want["chunks"], want["frames"]), (workflow.name, node, want)
         if node["type"] in ("NFY_VoiceProfileEncode", "NFY_Narrate"):
