@@ -150,6 +150,9 @@ class SpectrogramSynthesizer(io.ComfyNode):
                                tooltip="Speaking speed: 1 is natural, 1.2 is 20% faster."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the sampler; the same seed gives the same speech."),
+                io.Int.Input("max_codes", default=0, min=0, max=602,
+                             tooltip="Upper bound of audio codes per sentence chunk (21.5 codes = 1 s); 0 = the "
+                                     "model's own limit (602, about 28 s)."),
             ],
             outputs=[SPEECH_LATENTS.Output(display_name="speech",
                                            tooltip="The generated codes and the GPT latents the vocoder turns into "
@@ -158,10 +161,10 @@ class SpectrogramSynthesizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, xtts, tokens, voice, do_sample, temperature, top_p, top_k, repetition_penalty,
-                length_penalty, speed, seed) -> io.NodeOutput:
+                length_penalty, speed, seed, max_codes=0) -> io.NodeOutput:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                                do_sample=do_sample, seed=seed, speed=speed)
+                                do_sample=do_sample, seed=seed, speed=speed, max_new_tokens=max_codes or None)
         with input_errors("Spectrogram Synthesizer"), torch.inference_mode():
             result = synthesize(xtts.model(), tokens, voice, params, progress=progress_bar(len(tokens.ids)))
         counts = [{"codes": c.codes.shape[1], "latents": c.latents.shape[1]} for c in result.chunks]

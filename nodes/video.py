@@ -8,10 +8,10 @@ import torch
 from comfy_api.latest import io
 
 from ..narrate_model.errors import CheckpointError
-from ..narrate_model.hallo.audio import load_wav2vec, speech_features
+from ..narrate_model import pipeline
+from ..narrate_model.hallo.audio import load_wav2vec
 from ..narrate_model.hallo.checkpoint import load_hallo
-from ..narrate_model.hallo.face import encode_face
-from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings, sample_video
+from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
 from .common import (AUDIO_FEATURES, CATEGORY, FACE, HALLO, WAV2VEC, checkpoint_choices, input_errors, licence_of,
                      load_to_device, locate_checkpoint, patcher, progress_bar, registry_help)
 
@@ -144,12 +144,10 @@ class FaceEncode(io.ComfyNode):
         landmarker_path = locate_checkpoint("Face Encode", "narrate_face_analysis", landmarker, None,
                                             registry_help("face-landmarker"))
         identity = folder_paths.get_full_path("narrate_face_analysis", IDENTITY_MODEL)
+        encode, _ = vae_callables(vae)
         with input_errors("Face Encode"):
-            if image.shape[0] > 1:
-                image = image[:1]
-            face = encode_face(image[0], landmarker_path, identity)
+            face = pipeline.prepare_face(image[0], landmarker_path, encode, size, identity)
         portrait = face.image(size)
-        face.reference_latent = vae.encode(portrait).float().cpu()
         masks = [torch.from_numpy(face.blurred[k]).float().div(255)[None] for k in ("face", "lip", "full")]
         notes = [f"{face.faces_found} face(s) found"] + face.notes
         return io.NodeOutput(face, portrait, *masks, ui={"text": notes})
@@ -174,12 +172,8 @@ class SpeechFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, audio, wav2vec, fps=25.0) -> io.NodeOutput:
-        from ..narrate_model.av import exact_fps
-
         with input_errors("Speech Features"), torch.inference_mode():
-            fps = exact_fps(fps)
-            features = speech_features(wav2vec.model(), audio["waveform"][0], audio["sample_rate"], fps,
-                                       progress=progress_bar(1))
+            features = pipeline.listen(wav2vec.model(), audio, fps, progress=progress_bar(1))
         return io.NodeOutput(features, ui={"text": [f"{features.seconds:.2f} s of speech -> "
                                                     f"{features.num_frames} frames at {float(fps):g} fps"]})
 
@@ -229,12 +223,9 @@ class VideoDiffusionSampler(io.ComfyNode):
                                    motion_frames=motion_frames, scheduler=scheduler,
                                    motion_scale=(pose_weight, face_weight, lip_weight))
         encode, decode = vae_callables(vae)
-        net = hallo.model()
-        size = face.reference_latent.shape[-1] * 8
         with input_errors("Video Diffusion Sampler"), torch.inference_mode():
-            latents = sample_video(net, face.sampler_inputs(size), features.windows[:features.num_frames],
-                                   face.reference_latent, settings, vae_encode=encode, vae_decode=decode,
-                                   progress=progress_bar(1))
+            clips = pipeline.animate(hallo.model(), face, features, settings, encode, decode, progress_bar(1))
+            latents = torch.cat(list(clips))
         return io.NodeOutput({"samples": latents})
 
 

@@ -86,3 +86,29 @@ def write_sd_vae(models: Path, name: str = "test-sd-vae.safetensors") -> str:
                             norm_num_groups=32, sample_size=512)
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
     return name
+
+
+def small_narration_models(entangler=None):
+    """The whole narration's models, small: the fixtures' reduced XTTS, Hallo Net, wav2vec2 and VAE (in memory)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    from narrate_model.hallo.audio import load_wav2vec
+    from narrate_model.hallo.checkpoint import load_hallo
+    from narrate_model.hallo.sampler import diffusers_vae_callables
+    from narrate_model.pipeline import NarrationModels
+    from narrate_model.xtts.checkpoint import load_xtts
+    from narrate_model.xtts.text import XttsTokenizer
+
+    xtts, _ = load_xtts([XTTS / "small_config.json", XTTS / "small_model.safetensors"])
+    folder = Path(tempfile.mkdtemp(prefix="nfy-models-"))
+    shutil.copy(HALLO / "tiny_net.safetensors", folder / "net.safetensors")
+    shutil.copy(HALLO / "tiny_config.json", folder / "net.json")
+    vae = AutoencoderKL(**json.loads((HALLO / "tiny_config.json").read_text())["tiny_vae"]["config"])
+    vae.load_state_dict(load_file(str(HALLO / "tiny_vae.safetensors")))
+    encode, decode = diffusers_vae_callables(vae.eval())
+    return NarrationModels(
+        xtts=xtts, tokenizer=XttsTokenizer(XTTS / "bpe_vocab.json"), hallo=load_hallo(folder / "net.safetensors"),
+        wav2vec=load_wav2vec(write_wav2vec_folder(folder / "wav2vec2")), vae_encode=encode, vae_decode=decode,
+        landmarker=recorded_path("NFY_FACE_LANDMARKER"), entangler=entangler)

@@ -27,7 +27,7 @@ def speech_prompt(checkpoint: str, voice: str, text: str, seed: int = 0) -> dict
         "5": {"class_type": "NFY_SpectrogramSynthesizer",
               "inputs": {"xtts": ["1", 0], "tokens": ["4", 0], "voice": ["3", 0], "do_sample": True,
                          "temperature": 0.75, "top_p": 0.85, "top_k": 50, "repetition_penalty": 10.0,
-                         "length_penalty": 1.0, "speed": 1.0, "seed": seed}},
+                         "length_penalty": 1.0, "speed": 1.0, "seed": seed, "max_codes": 0}},
         "6": {"class_type": "NFY_Vocoder", "inputs": {"xtts": ["1", 0], "speech": ["5", 0], "voice": ["3", 0]}},
         "7": {"class_type": "SaveAudio", "inputs": {"audio": ["6", 0], "filename_prefix": "nfy_test/speech"}},
     }
