@@ -77,8 +77,10 @@ function updateText(node) {
   }
   const language = widgetOf(node, "language")?.value ?? "en";
   const split = widgetOf(node, "split_sentences")?.value ?? true;
-  const positive = (name, otherwise) => (Number(widgetOf(node, name)?.value) > 0 ? Number(widgetOf(node, name).value)
-                                                                                  : otherwise);
+  const positive = (name, fallback) => {
+    const value = Number(widgetOf(node, name)?.value);
+    return value > 0 ? value : fallback;
+  };
   const s = textStats(widgetOf(node, "text")?.value, language, split, positive("fps", DEFAULT_FPS),
                       positive("speed", 1));
   Object.assign(element.dataset, {
@@ -130,10 +132,13 @@ function voiceSource(node, input) {
   if (!source || source.comfyClass !== "LoadAudio" || !widget?.value) {
     return { note: `${input.name}: ${source ? `from ${source.title}, ` : ""}length known when the graph runs` };
   }
-  if (!widget.nfyHooked) { // re-check as soon as the user picks or uploads another clip
+  if (!widget.nfyHooked) { // re-check as soon as the user picks or uploads a clip (maybe over one of the same name)
     widget.nfyHooked = true;
     after(widget, "callback", () => {
-      for (const other of app.graph?._nodes ?? []) other.nfyVoiceReadout && updateVoice(other);
+      clipSeconds.clear();
+      for (const other of app.graph?._nodes ?? []) {
+        if (other.nfyVoiceReadout) updateVoice(other, true);
+      }
     });
   }
   // The frontend may annotate the name ("clip.wav [output]"); a subfolder comes before the last "/".
@@ -150,29 +155,33 @@ function voiceLine(input, name, seconds, maxSeconds) {
   return [`${label} · ${name}${maxSeconds && seconds > maxSeconds ? ` · first ${maxSeconds} s used` : ""}`, ""];
 }
 
-async function updateVoice(node) {
+/** Measures the clips linked to the node's AUDIO inputs; only when the links or file names changed (or `again`). */
+async function updateVoice(node, again = false) {
   const element = node.nfyVoiceReadout;
   if (!element) return;
   const inputs = (node.inputs ?? []).filter((i) => i.type === "AUDIO" && (i.link != null || i.name === "voice"));
   const sources = inputs.map((input) => (input.link == null ? { note: `${input.name}: not connected` }
                                                              : voiceSource(node, input)));
   const key = JSON.stringify(sources);
-  if (key === node.nfyVoiceKey) return;
+  if (key === node.nfyVoiceKey && !again) return;
   node.nfyVoiceKey = key;
   const maxSeconds = Number(widgetOf(node, "max_seconds")?.value) || 0;
+  delete element.dataset.seconds;
   show(node, element, sources.map((s) => [s.note ?? `${s.name}: measuring…`, ""]));
+  const seconds = [];
   const lines = await Promise.all(sources.map(async (source, i) => {
     if (source.note) return [source.note, ""];
     try {
-      return voiceLine(inputs[i], source.name, await decodedSeconds(source.url), maxSeconds);
+      seconds[i] = await decodedSeconds(source.url);
+      return voiceLine(inputs[i], source.name, seconds[i], maxSeconds);
     } catch (error) {
       clipSeconds.delete(source.url);
       return [`⚠ ${inputs[i].name}: the browser could not read ${source.name} (${error.message})`, "warn"];
     }
   }));
   if (node.nfyVoiceKey !== key) return; // the links or the file changed while decoding
+  element.dataset.seconds = sources.map((_, i) => seconds[i] ?? "").join(",");
   show(node, element, lines);
-  Object.assign(element.dataset, { seconds: lines.map(([t]) => t.match(/: ([\d.]+) s/)?.[1] ?? "").join(",") });
 }
 
 function setupVoice(node) {

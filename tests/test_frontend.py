@@ -161,6 +161,11 @@ def test_text_readout_counts_what_the_node_will_speak(page):
     set_widget("split_sentences", True)
     type_text("Short.")
     assert int(readout(page, node, "nfy_text_readout")["chars"]) == 6
+    source = add_node(page, "PrimitiveStringMultiline", (500, 40))  # text from a link: unknown until it runs
+    connect(page, source, 0, node, "text")
+    assert "text comes from a link" in readout(page, node, "nfy_text_readout")["text"]
+    page.evaluate(f"app.graph.remove(app.graph.getNodeById({source}))")
+    assert readout(page, node, "nfy_text_readout")["chars"] == "6"
     # The read-out stays out of the saved workflow and the prompt.
     values = page.evaluate(f"app.graph.getNodeById({node}).serialize().widgets_values")
     assert values == ["Short.", "fr", True]
