@@ -102,7 +102,7 @@ def readout(page, node_id: int, name: str) -> dict:
 def own_errors(page) -> list[dict]:
     """Console errors and uncaught exceptions that come from this pack's scripts."""
     entries = page.exceptions + [m for m in page.console if m["type"] == "error"]
-    return [e for e in entries if any(s in json.dumps(e) for s in OUR_SCRIPTS) or "nfy" in json.dumps(e).lower()]
+    return [e for e in entries if any(s in json.dumps(e) for s in (*OUR_SCRIPTS, "narrating_for_you.aids"))]
 
 
 def test_the_extension_loads_once_without_errors(page, comfy_server):
@@ -293,6 +293,9 @@ WORKFLOWS = sorted((REPO / "workflows").glob("*_ui.json"))
 def test_shipped_workflows_load_with_their_readouts(page, workflow):
     before = len(page.exceptions)
     graph = json.loads(workflow.read_text())
+    types = sorted({n["type"] for n in graph["nodes"]})
+    missing = page.evaluate(f"{json.dumps(types)}.filter(t => !LiteGraph.registered_node_types[t])")
+    assert missing == [], f"{workflow.name} uses node types the server does not have: {missing}"
     page.evaluate(f"app.loadGraphData({json.dumps(graph)})")
     nodes = page.evaluate("""app.graph._nodes.map(n => ({id: n.id, type: n.comfyClass,
         widgets: Object.fromEntries((n.widgets ?? []).map(w => [w.name, w.element?.dataset?.nfy ? {...w.element.dataset} : w.value])),
