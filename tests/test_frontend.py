@@ -1,8 +1,10 @@
 """The pack's browser extension (js/) in the real ComfyUI frontend, driven in headless Chromium over DevTools.
 
-Checks that the extension loads without errors of its own, that the text read-out counts exactly the chunks the
-Python splitter cuts (and the seconds and frames that follow from them), that the voice read-out decodes linked
-clips and warns about short ones, and that a video made by NFY_AVMux plays inline with its sound.
+Checks that the extension loads once and without errors of its own, that the text read-out (NFY_TextBPE,
+NFY_Narrate) counts exactly the chunks the Python splitter cuts and the seconds and frames that follow from them,
+that the voice read-out decodes the linked LoadAudio clip and warns about short ones, that a video made by NFY_AVMux
+plays inline with its sound, and that every shipped UI workflow (workflows/*_ui.json) loads with its read-outs.
+The screenshot goes to the test's tmp dir and, when NFY_ARTIFACTS is set, into that folder.
 """
 from __future__ import annotations
 
