@@ -177,23 +177,6 @@ def test_text_readout_counts_what_the_node_will_speak(page):
 
 
 @pytest.fixture(scope="module")
-def narrate_node_type(page, comfy_server) -> str:
-    """NFY_Narrate from the server; until the pack ships it, a stand-in definition with the agreed inputs (text,
-    language, fps, an AUDIO `voice`), registered in the page only, so the aids' contract with it is tested."""
-    info = ComfyClient(comfy_server.url).object_info()
-    if "NFY_Narrate" not in info:
-        text_bpe = info["NFY_TextBPE"]
-        required = {k: text_bpe["input"]["required"][k] for k in ("text", "language")}
-        required |= {"voice": ["AUDIO", {}], "fps": ["FLOAT", {"default": 25.0, "min": 1.0, "max": 60.0}],
-                     "speed": ["FLOAT", {"default": 1.0, "min": 0.25, "max": 4.0}]}
-        definition = {**text_bpe, "name": "NFY_Narrate", "display_name": "Narrate (stand-in)", "output_node": True,
-                      "input": {"required": required}, "input_order": {"required": list(required)},
-                      "output": ["VIDEO"], "output_name": ["VIDEO"], "output_is_list": [False]}
-        page.evaluate(f"app.registerNodeDef('NFY_Narrate', {json.dumps(definition)})")
-    return "NFY_Narrate"
-
-
-@pytest.fixture(scope="module")
 def clips(comfy_server, tmp_path_factory) -> dict[float, str]:
     folder, client = tmp_path_factory.mktemp("clips"), ComfyClient(comfy_server.url)
     return {s: client.upload(write_clip(MEDIA / "videos" / "man.mp4", s, folder / f"nfy_voice_{s}s.wav"))
@@ -249,8 +232,8 @@ def test_muxed_video_plays_inline_with_its_sound(page, comfy_server):
     assert decoded["audio"] > 0 and decoded["video"] > 0 and not decoded["muted"], decoded
 
 
-def test_narrate_readouts_follow_its_fps_speed_and_voice(page, narrate_node_type, clips):
-    node = add_node(page, narrate_node_type, (1320, 40))
+def test_narrate_readouts_follow_its_fps_speed_and_voice(page, clips):
+    node = add_node(page, "NFY_Narrate", (1320, 40))
     bottom = page.evaluate(f"(n => n.pos[1] + n.size[1])(app.graph.getNodeById({node}))")
     loader = add_node(page, "LoadAudio", (1320, bottom + 60), (320, 200))
     text = "Bonjour ! Je suis ta voix, et je raconte pour toi. " * 4
