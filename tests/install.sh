@@ -49,5 +49,9 @@ if [ ! -f "$landmarker" ]; then
   mv "$landmarker.part" "$landmarker"
   rm -rf "$tmp"
 fi
+# Debian's Chromium for the browser tests of the frontend extension (skipped where it cannot be installed).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 printf "COMFYUI_DIR=%s\nNFY_FACE_LANDMARKER=%s\n" "$COMFYUI_DIR" "$landmarker" > "$venv/nfy-test.env"
 echo "test environment ready: $venv (ComfyUI at $COMFYUI_DIR)"
