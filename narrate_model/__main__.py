@@ -1,6 +1,7 @@
-"""Command line for the pack's weights: `python -m narrate_model list | download NAME... | convert FILE.pth`.
+"""The pack's command line: `python -m narrate_model list | download NAME... | convert FILE.pth | narrate ...`.
 
-Run it from the ComfyUI folder (the default models folder is ./models) or pass --models-dir.
+Run it from the pack's folder (ComfyUI/custom_nodes/<pack>), where `narrate_model` is importable; the models folder
+defaults to the ComfyUI installation's (../../models), or pass --models-dir.
 """
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import narrate_cli
 from .fetch import DownloadError, fetch
-from .weights import BUNDLES, LICENCES, convert_to_safetensors, licence_notice, local_path, resolve, status
+from .weights import PACK_DIR, BUNDLES, LICENCES, convert_to_safetensors, licence_notice, local_path, resolve, status
+
+
+# the pack lives in ComfyUI/custom_nodes/<pack>/, so ComfyUI's models folder is two levels up
+DEFAULT_MODELS = PACK_DIR.parents[1] / "models" if (PACK_DIR.parents[1] / "models").is_dir() else Path("models")
 
 
 def _size(n) -> str:
@@ -73,7 +79,7 @@ def cmd_convert(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m narrate_model", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    models = dict(type=Path, default=Path("models"), help="ComfyUI's models folder (default: ./models)")
+    models = dict(type=Path, default=DEFAULT_MODELS, help=f"ComfyUI's models folder (default: {DEFAULT_MODELS})")
 
     p = sub.add_parser("list", help="every known checkpoint, where it goes and whether it is present")
     p.add_argument("--models-dir", **models)
@@ -90,6 +96,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("convert", help="write a .safetensors copy of .pth/.ckpt checkpoints")
     p.add_argument("files", nargs="+", metavar="FILE.pth")
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("narrate", help="portrait + voice + text -> .mp4, through a ComfyUI server")
+    narrate_cli.add_arguments(p)
+    p.set_defaults(run=narrate_cli.run)
 
     args = parser.parse_args(argv)
     try:

@@ -88,26 +88,28 @@ class Mp4Writer:
             audio = fit_audio(audio.float(), sample_rate, total_frames, self.fps)
             if audio.shape[0] > 2:  # aac here is mono or stereo: fold extra channels into the first two
                 audio = audio[:2]
-            layout = "stereo" if audio.shape[0] == 2 else "mono"
             self.audio = audio.clamp(-1, 1).cpu().numpy().astype(np.float32)
-            self.audio_stream = self.container.add_stream("aac", rate=sample_rate, layout=layout)
             self.sample_rate = sample_rate
             self.audio_written = 0
 
     def __enter__(self):
         return self
 
-    def _open_video(self, height: int, width: int) -> None:
+    def _open_streams(self, height: int, width: int) -> None:
+        """Video first (the frame size is known with the first frame), then audio: the order players expect."""
         self.video = self.container.add_stream("libx264", rate=self.fps)
         self.video.width, self.video.height = width, height
         self.video.pix_fmt = "yuv420p"
         self.video.options = {"crf": str(self.crf)}
+        if self.audio is not None:
+            layout = "stereo" if self.audio.shape[0] == 2 else "mono"
+            self.audio_stream = self.container.add_stream("aac", rate=self.sample_rate, layout=layout)
 
     def add_frames(self, frames: torch.Tensor, progress: ProgressFn = None) -> None:
         """Encodes a chunk of IMAGE frames, reporting after every frame (so Cancel stops within one frame)."""
         pixels = _to_uint8_rgb(frames)
         if self.video is None:
-            self._open_video(*pixels.shape[1:3])
+            self._open_streams(*pixels.shape[1:3])
         elif pixels.shape[1:3] != (self.video.height, self.video.width):
             raise NarrateInputError("images", f"frame size changed mid-video from {self.video.width}x"
                                               f"{self.video.height} to {pixels.shape[2]}x{pixels.shape[1]}.")
@@ -135,7 +137,7 @@ class Mp4Writer:
     def __exit__(self, exc_type, exc, tb):
         if self.video is not None:
             self.container.mux(self.video.encode(None))
-        if self.audio is not None:
+        if self.audio is not None and self.video is not None:
             self._add_audio_until(self.audio.shape[1])
             self.container.mux(self.audio_stream.encode(None))
         self.container.close()

@@ -71,3 +71,20 @@ def comfy(comfy_server):
     client = ComfyClient(comfy_server.url)
     yield client
     assert comfy_server.alive(), f"the server died:\n{comfy_server.log()[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def small_models(comfy_server, tmp_path_factory) -> dict:
+    """Small checkpoints written into the server's models folder and media uploaded to it, keyed by the names the
+    shipped workflows use for the real ones."""
+    from comfy_server import ComfyClient
+    from small_checkpoints import write_hallo, write_landmarker, write_sd_vae, write_wav2vec, write_xtts
+    from test_server_video import clip_wav
+
+    comfy = ComfyClient(comfy_server.url)
+    models = comfy_server.base / "models"
+    tmp = tmp_path_factory.mktemp("media")
+    return {"XTTS-v2": write_xtts(models), "net.pth": write_hallo(models), "wav2vec2-base-960h": write_wav2vec(models),
+            "sd-vae-ft-mse.safetensors": write_sd_vae(models), "landmarker": write_landmarker(models),
+            "portrait.png": comfy.upload(MEDIA / "images" / "man.jpg"),
+            "voice.wav": comfy.upload(clip_wav(tmp, 4.0)), "speech.wav": comfy.upload(clip_wav(tmp, 0.9))}

@@ -10,26 +10,13 @@ import av
 import pytest
 
 from comfy_server import messages_of
-from conftest import MEDIA
-from small_checkpoints import write_hallo, write_landmarker, write_sd_vae, write_wav2vec, write_xtts
-from test_server_video import clip_wav
 from workflow_tools import WORKFLOWS, api_workflows
 
 FPS = 25
 NAMES = ["narrate", "narrate_simple", "speech_only", "animate_from_audio"]
 
 
-@pytest.fixture(scope="module")
-def small(comfy_server, tmp_path_factory):
-    from comfy_server import ComfyClient
-
-    comfy = ComfyClient(comfy_server.url)
-    models = comfy_server.base / "models"
-    tmp = tmp_path_factory.mktemp("media")
-    return {"XTTS-v2": write_xtts(models), "net.pth": write_hallo(models), "wav2vec2-base-960h": write_wav2vec(models),
-            "sd-vae-ft-mse.safetensors": write_sd_vae(models), "landmarker": write_landmarker(models),
-            "portrait.png": comfy.upload(MEDIA / "images" / "man.jpg"),
-            "voice.wav": comfy.upload(clip_wav(tmp, 4.0)), "speech.wav": comfy.upload(clip_wav(tmp, 0.9))}
+SMALL_SETTINGS = {"size": 64, "steps": 1, "max_codes": 20}
 
 
 def shrink(prompt: dict, small: dict) -> dict:
@@ -40,7 +27,7 @@ def shrink(prompt: dict, small: dict) -> dict:
         for key, value in inputs.items():
             if isinstance(value, str) and value in small:
                 inputs[key] = small[value]
-        inputs.update({k: v for k, v in {"size": 64, "steps": 1, "max_codes": 20}.items() if k in inputs})
+        inputs.update({k: v for k, v in SMALL_SETTINGS.items() if k in inputs})
     return prompt
 
 
@@ -71,10 +58,10 @@ def test_the_four_workflows_are_shipped_in_both_formats():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_ui_workflow_converts_to_its_api_twin_and_runs(comfy, small, name):
+def test_ui_workflow_converts_to_its_api_twin_and_runs(comfy, small_models, name):
     prompt = converted(comfy, name)
     assert strip_meta(prompt) == strip_meta(api_workflows()[name])
-    entry = comfy.run(shrink(prompt, small), timeout=900)
+    entry = comfy.run(shrink(prompt, small_models), timeout=900)
     mp4s = [item for out in entry["outputs"].values() for item in out.get("images", [])
             if item["filename"].endswith(".mp4")]
     audios = [item for out in entry["outputs"].values() for item in out.get("audio", [])]
@@ -85,8 +72,8 @@ def test_ui_workflow_converts_to_its_api_twin_and_runs(comfy, small, name):
         check_mp4(comfy.view(mp4s[0]))
 
 
-def test_changing_only_the_text_or_the_seed_reuses_the_cached_voice_and_face(comfy, small):
-    prompt = shrink(api_workflows()["narrate"], small)
+def test_changing_only_the_text_or_the_seed_reuses_the_cached_voice_and_face(comfy, small_models):
+    prompt = shrink(api_workflows()["narrate"], small_models)
     comfy.run(prompt, timeout=900)
     for change in ({"text": "A completely different sentence to say."}, {"seed": 7}):
         for node in prompt.values():
