@@ -17,7 +17,7 @@ from .text import TextTokens
 
 # Chunks generated together. A step reads every GPT weight once whatever the batch, so a batch costs little more
 # than one chunk; the KV cache grows with it (about 170 MB per chunk at the full 602-code window, fp32).
-BATCH_SIZE = 4
+BATCH_SIZE = 8
 
 
 @dataclass
