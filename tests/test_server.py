@@ -89,7 +89,11 @@ def test_graph_with_a_pack_node_runs_over_the_api_and_its_video_comes_back(comfy
 def test_interrupt_stops_a_long_pack_node_within_a_second_and_the_server_keeps_serving(comfy):
     name = comfy.upload(MEDIA / "videos" / "man.mp4")
     with comfy.listen() as ws:
-        prompt_id = comfy.queue(_remux_prompt(name, "nfy_test/long", repeat=3))  # 720 frames: ~15 s of encoding
+        prompt = _remux_prompt(name, "nfy_test/long", repeat=3)  # 720 frames: several seconds of encoding
+        prompt["5"] = {"class_type": "ImageScale", "inputs": {"image": ["3", 0], "upscale_method": "bilinear",
+                                                              "width": 256, "height": 256, "crop": "disabled"}}
+        prompt["4"]["inputs"]["images"] = ["5", 0]  # smaller frames: Cancel is checked after each one
+        prompt_id = comfy.queue(prompt)
         deadline = time.time() + 120
         while not [m for m in ws.of("progress") if m["node"] == "4" and m["value"] >= 32]:
             assert time.time() < deadline, "the mux node never reported progress"
