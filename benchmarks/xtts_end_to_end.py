@@ -274,9 +274,9 @@ class Ours:
         self.tokenizer = XttsTokenizer(ckpt / "vocab.json")
         self.voice = decode_voice()
 
-    def run(self, text: str, split: bool, max_new: int) -> dict:
+    def run(self, text: str, split: bool, max_new: int, batch_size: int | None = None) -> dict:
         from narrate_model.xtts.sampling import SamplingParams
-        from narrate_model.xtts.speech import synthesize, vocode
+        from narrate_model.xtts.speech import BATCH_SIZE, synthesize, vocode
         from narrate_model.xtts.text import tokenize
         from narrate_model.xtts.voice import encode_voice
         params = SamplingParams(do_sample=False, repetition_penalty=REPETITION_PENALTY, max_new_tokens=max_new)
@@ -287,7 +287,7 @@ class Ours:
             t1 = time.perf_counter()
             tokens = tokenize(self.tokenizer, text, "en", split=split)
             t2 = time.perf_counter()
-            speech = synthesize(self.model, tokens, voice, params)
+            speech = synthesize(self.model, tokens, voice, params, batch_size=batch_size or BATCH_SIZE)
             t3 = time.perf_counter()
             audio = vocode(self.model, speech, voice)
             t4 = time.perf_counter()
@@ -377,12 +377,13 @@ def main() -> None:
 
     results = {}
     for name, (text, split, max_new) in cases.items():
-        runs = {"ours": [], "coqui_tts": []}
+        # several chunks: ours also one chunk after another (batch_size=1), to show what batching contributes
+        sides = ("ours", "coqui_tts") + (("ours_one_by_one",) if split else ())
+        runs = {side: [] for side in sides}
         for rep in range(args.repeats):
-            order = ("ours", "coqui_tts") if rep % 2 == 0 else ("coqui_tts", "ours")
-            for side in order:
-                if side == "ours":
-                    runs[side].append(ours.run(text, split, max_new))
+            for side in sides if rep % 2 == 0 else sides[::-1]:
+                if side.startswith("ours"):
+                    runs[side].append(ours.run(text, split, max_new, 1 if side == "ours_one_by_one" else None))
                 else:
                     runs[side].append(worker.ask(kind="inference", text=text, split=split,
                                                  repetition_penalty=REPETITION_PENALTY, max_new_tokens=max_new))
@@ -405,6 +406,10 @@ def main() -> None:
             "meets_2x_end_to_end": theirs["total_s"] / mine["total_s"] >= 2.0,
             "codes": compare_codes(mine["codes"], theirs["codes"], ours, worker, mine["text_ids"], max_new, ckpt),
         }
+        if "ours_one_by_one" in best:
+            one = best["ours_one_by_one"]
+            results[name]["ours_one_by_one"]["codes_equal_batched"] = one["codes"] == mine["codes"]
+            results[name]["speed_up_end_to_end_one_by_one"] = round(theirs["total_s"] / one["total_s"], 3)
     worker.close()
 
     verdict = {name: ("meets" if r["meets_2x_end_to_end"] else "does NOT meet")
@@ -436,11 +441,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-    print(f"\n{'case':16} {'side':10} {'codes':>5} {'s/code':>7} {'voc RTF':>7} {'e2e s':>7} {'e2e RTF':>7}")
+    print(f"\n{'case':16} {'side':15} {'codes':>5} {'s/code':>7} {'voc RTF':>7} {'e2e s':>7} {'e2e RTF':>7}")
     for name, r in results.items():
-        for side in ("ours", "coqui_tts"):
+        for side in ("ours", "ours_one_by_one", "coqui_tts"):
+            if side not in r:
+                continue
             s = r[side]
-            print(f"{name:16} {side:10} {s['codes']:>5} {s['s_per_code']:>7.3f} {s['vocoder_rtf']:>7.2f} "
+            print(f"{name:16} {side:15} {s['codes']:>5} {s['s_per_code']:>7.3f} {s['vocoder_rtf']:>7.2f} "
                   f"{s['end_to_end_s']:>7.1f} {s['end_to_end_rtf']:>7.2f}")
         print(f"{'':16} speed-up end to end {r['speed_up_end_to_end']:.2f}x, per code {r['speed_up_per_code']:.2f}x,"
               f" codes identical: {r['codes']['identical']}")

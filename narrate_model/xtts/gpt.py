@@ -227,8 +227,8 @@ class XttsGPT(nn.Module):
         """Several sentences generated together, one batched KV-cached pass per step; one result per sentence.
 
         text_ids: token ids per sentence (lists or 1-D tensors, lengths may differ); cond_latent [1 or B, 32, C].
-        Each result equals `generate()` of that sentence alone (same codes under greedy decoding, latents within
-        float rounding): prefixes are left-padded and the padding is masked out of attention, the positions are
+        Each result equals `generate()` of that sentence alone (the same greedy codes unless float rounding flips a
+        near-tie, latents within rounding): prefixes are left-padded and the padding is masked out of attention, the positions are
         XTTS's own per-part embeddings (added before padding), and each sentence keeps its own repetition-penalty
         history, stop and random generator — sentence i is seeded seeds[i] (default params.seed + i, as
         `speech.synthesize` seeds its chunks). The step cost is dominated by reading the weights, which a batch
