@@ -24,7 +24,7 @@ from .hallo.face import FaceEncoding, encode_face
 from .hallo.sampler import SamplerSettings, iter_video_clips
 from .progress import ProgressFn, report
 from .xtts.sampling import SamplingParams
-from .xtts.speech import synthesize, vocode
+from .xtts.speech import join_chunks, synthesize, vocode_chunks
 from .xtts.text import TextTokens, tokenize
 from .xtts.voice import VoiceProfile, encode_voice
 
@@ -94,9 +94,14 @@ def entangle(entangler: Entangler, voice: VoiceProfile, face: FaceEncoding,
     return new_voice, new_face
 
 
-def speak(xtts, tokens: TextTokens, voice: VoiceProfile, params: SamplingParams, progress: ProgressFn = None) -> dict:
-    """Text chunks -> one 24 kHz AUDIO track in the voice."""
-    return vocode(xtts, synthesize(xtts, tokens, voice, params, progress), voice)
+def speak(xtts, tokens: TextTokens, voice: VoiceProfile, params: SamplingParams,
+          progress: ProgressFn = None) -> tuple[dict, list[float]]:
+    """Text chunks -> one 24 kHz AUDIO track in the voice, and the second at which each chunk starts."""
+    speech = synthesize(xtts, tokens, voice, params, progress)
+    pieces = vocode_chunks(xtts, speech, voice)
+    starts = [sum(p.numel() for p in pieces[:i]) / speech.sample_rate for i in range(len(pieces))]
+    return {"waveform": join_chunks(pieces, speech.sample_rate).view(1, 1, -1), "sample_rate": speech.sample_rate}, \
+        starts
 
 
 def listen(wav2vec, audio: dict, fps, progress: ProgressFn = None) -> AudioFeatures:
@@ -127,6 +132,7 @@ class Narration:
     frames: int
     fps: Fraction
     chunks: int  # sentence chunks spoken
+    chunk_starts: list[float]  # the second at which each chunk's speech starts
 
 
 def narrate_to_mp4(models: NarrationModels, image: torch.Tensor, voice_clips: list, text: str, path: str,
@@ -144,11 +150,11 @@ def narrate_to_mp4(models: NarrationModels, image: torch.Tensor, voice_clips: li
         if isinstance(entangler, str):
             entangler = identity_entangler(voice, face, entangler)
         voice, face = entangle(entangler, voice, face, tokens)
-    audio = speak(models.xtts, tokens, voice, settings.speech, progress)
+    audio, chunk_starts = speak(models.xtts, tokens, voice, settings.speech, progress)
     features = listen(models.wav2vec, audio, settings.fps)
     clips = animate(models.hallo, face, features, settings.video, models.vae_encode, models.vae_decode, progress)
     decoded = (models.vae_decode(latents) for latents in clips)
     av.write_mp4(path, decoded, settings.fps, audio["waveform"][0], audio["sample_rate"],
                  total_frames=features.num_frames, crf=crf)
     report(progress, 1, 1)
-    return Narration(path, audio, features.num_frames, av.exact_fps(settings.fps), len(tokens.chunks))
+    return Narration(path, audio, features.num_frames, av.exact_fps(settings.fps), len(chunk_starts), chunk_starts)

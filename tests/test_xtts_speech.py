@@ -88,3 +88,14 @@ def test_empty_tokens_are_refused(small):
     tokens.ids = []
     with pytest.raises(NarrateInputError, match="tokens"):
         synthesize(model, tokens, _voice(io), SamplingParams())
+
+
+def test_chunks_join_without_a_click_and_keep_their_length():
+    from narrate_model.xtts.speech import join_chunks
+
+    a, b = torch.full((2400,), 0.5), torch.full((2400,), -0.5)  # a worst case: a full step between chunks
+    joined = join_chunks([a, b], 24000)
+    assert joined.shape == (4800,)
+    assert torch.cat([a, b]).diff().abs().max() == 1.0
+    assert joined.diff().abs().max() < 0.02  # a 5 ms raised-cosine fade on each side instead of a step
+    assert torch.equal(joined[:2000], a[:2000]) and torch.equal(joined[-2000:], b[-2000:])

@@ -71,18 +71,37 @@ def synthesize(model, tokens: TextTokens, voice, params: SamplingParams, progres
     return SpeechLatents(chunks, cfg.output_sample_rate, hop)
 
 
-def vocode(model, speech: SpeechLatents, voice, progress: ProgressFn = None) -> dict:
-    """HiFi-GAN over each chunk's latents with the voice's speaker embedding; chunks joined in order -> AUDIO."""
+def vocode_chunks(model, speech: SpeechLatents, voice, progress: ProgressFn = None) -> list[torch.Tensor]:
+    """HiFi-GAN over each chunk's latents with the voice's speaker embedding: one waveform [T] per chunk."""
     device = _device_of(model)
     dtype = next(model.hifigan_decoder.parameters()).dtype
     speaker = voice.speaker_embedding.to(device, dtype)
     pieces = []
     for i, chunk in enumerate(speech.chunks):
-        if chunk.latents.shape[1] == 0:
-            continue
-        wav = model.hifigan_decoder(chunk.latents.to(device, dtype), speaker)
-        pieces.append(wav.reshape(-1).float().cpu())
+        wav = model.hifigan_decoder(chunk.latents.to(device, dtype), speaker) if chunk.latents.shape[1] else None
+        pieces.append(torch.zeros(0) if wav is None else wav.reshape(-1).float().cpu())
         report(progress, i + 1, len(speech.chunks))
-    if not pieces:
+    if not any(p.numel() for p in pieces):
         raise NarrateInputError("speech", "the synthesizer produced no speech codes; try another seed or text.")
-    return {"waveform": torch.cat(pieces).view(1, 1, -1), "sample_rate": speech.sample_rate}
+    return pieces
+
+
+def join_chunks(pieces: list[torch.Tensor], sample_rate: int, fade_ms: float = 5.0) -> torch.Tensor:
+    """Chunks joined end to end (the total length is kept); where one ends and the next begins, each side fades
+    over `fade_ms` so the join never clicks: upstream's plain concatenation can leave a step in the waveform."""
+    fade = max(1, int(sample_rate * fade_ms / 1000))
+    ramp = 0.5 - 0.5 * torch.cos(torch.linspace(0, torch.pi, fade))  # raised cosine 0 -> 1
+    out = [p.clone() for p in pieces]
+    for i, piece in enumerate(out):
+        n = min(fade, piece.numel())
+        if i > 0 and n:
+            piece[:n] *= ramp[:n]
+        if i + 1 < len(out) and n:
+            piece[-n:] *= ramp[:n].flip(0)
+    return torch.cat(out)
+
+
+def vocode(model, speech: SpeechLatents, voice, progress: ProgressFn = None) -> dict:
+    """HiFi-GAN over each chunk, chunks joined in order -> AUDIO (24 kHz)."""
+    pieces = vocode_chunks(model, speech, voice, progress)
+    return {"waveform": join_chunks(pieces, speech.sample_rate).view(1, 1, -1), "sample_rate": speech.sample_rate}
