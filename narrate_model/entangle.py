@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError, NarrateInputError
+from .state_dict import key_mismatch
 
 METADATA_KEY = "nfy_entangler"
 
@@ -122,16 +123,9 @@ def _unpatchify(t: Tensor, p: int, h: int, w: int) -> Tensor:
 
 def load_strict(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
     """``load_state_dict`` that raises CheckpointError naming missing / unexpected / mis-shaped keys."""
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    misshaped = sorted(f"{k} {tuple(state[k].shape)} (expected {want[k]})"
-                       for k in set(want) & set(state) if tuple(state[k].shape) != want[k])
-    if missing or unexpected or misshaped:
-        parts = [f"{len(keys)} {label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                 if keys]
-        raise CheckpointError(f"{what} does not match: " + "; ".join(parts))
+    problems = key_mismatch({k: v.shape for k, v in module.state_dict().items()}, state)
+    if problems:
+        raise CheckpointError(f"{what} does not match: {problems}")
     module.load_state_dict(dict(state))
 
 

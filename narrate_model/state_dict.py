@@ -8,7 +8,7 @@ dict is the state dict, as upstream loaders read it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Sequence, Union
 
 import torch
 
@@ -67,3 +67,20 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], di
 
 def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)[0]
+
+
+def listing(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (" ..." if len(keys) > limit else "")
+
+
+def key_mismatch(expected: Mapping[str, Sequence[int]], state: Mapping[str, torch.Tensor]) -> str | None:
+    """What differs between a module's expected {key: shape} and a state dict, as '3 missing: a, b, c; ...' (a few
+    keys of each kind, with counts), or None when every key and shape matches."""
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    misshaped = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+                 for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k])]
+    parts = [f"{len(keys)} {label}: {listing(keys, 5 if label != 'mis-shaped' else 3)}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    return "; ".join(parts) or None

@@ -133,3 +133,11 @@ def licence_of(key: str) -> str:
     from ..narrate_model.weights import licence_notice, resolve
 
     return licence_notice(resolve(key)[0])
+
+
+def output_mp4(prefix: str, width: int, height: int) -> tuple[str, dict]:
+    """A new .mp4 path under ComfyUI's output folder (a counter keeps earlier files) and its UI/history entry."""
+    out_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_output_directory(), width, height)
+    filename = f"{name}_{counter:05}_.mp4"
+    return os.path.join(out_dir, filename), {"filename": filename, "subfolder": subfolder, "type": "output"}

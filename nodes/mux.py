@@ -1,11 +1,8 @@
 """AV Mux: IMAGE frames + AUDIO + fps -> a saved .mp4 (h264 + aac) and a VIDEO for core video nodes."""
-import os
-
-import folder_paths
 from comfy_api.latest import InputImpl, io
 
 from ..narrate_model import av
-from .common import CATEGORY, input_errors, progress_bar
+from .common import CATEGORY, input_errors, output_mp4, progress_bar
 
 
 class AVMux(io.ComfyNode):
@@ -39,13 +36,7 @@ class AVMux(io.ComfyNode):
     @classmethod
     def execute(cls, images, fps, filename_prefix, crf=19, audio=None) -> io.NodeOutput:
         with input_errors("AV Mux"):
-            out_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-                filename_prefix, folder_paths.get_output_directory(), images.shape[2], images.shape[1])
-            filename = f"{name}_{counter:05}_.mp4"
-            path = os.path.join(out_dir, filename)
+            path, saved = output_mp4(filename_prefix, images.shape[2], images.shape[1])
             waveform, rate = (audio["waveform"][0], audio["sample_rate"]) if audio is not None else (None, None)
-            chunk = 16
-            av.write_mp4(path, images, fps, waveform, rate, chunk=chunk, crf=crf,
-                         progress=progress_bar(images.shape[0]))
-        saved = {"filename": filename, "subfolder": subfolder, "type": "output"}
+            av.write_mp4(path, images, fps, waveform, rate, crf=crf, progress=progress_bar(images.shape[0]))
         return io.NodeOutput(InputImpl.VideoFromFile(path), ui={"images": [saved], "animated": (True,)})

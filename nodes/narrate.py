@@ -1,7 +1,6 @@
 """The narration nodes: Load Entangler, Dual Entanglement Transformer, Stream to MP4, and the one-box Narrate."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import folder_paths
@@ -15,7 +14,7 @@ from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
 from .common import (CATEGORY, ENTANGLER, FACE, HALLO, TOKENS, VOICE, WAV2VEC, XTTS, checkpoint_choices,
-                     input_errors, locate_checkpoint, progress_bar, registry_help)
+                     input_errors, locate_checkpoint, output_mp4, progress_bar, registry_help)
 from .video import LANDMARKER_DEFAULT, IDENTITY_MODEL, vae_callables
 
 UNTRAINED = {"untrained identity (ETE)": "ETE", "untrained identity (STE)": "STE"}
@@ -32,12 +31,9 @@ class EntanglerHandle:
             return pipeline.identity_entangler(voice, face, self.mode)
         return load_entangler(self.path)
 
-
-def _output_path(prefix: str, width: int, height: int) -> tuple[str, dict]:
-    out_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-        prefix, folder_paths.get_output_directory(), width, height)
-    filename = f"{name}_{counter:05}_.mp4"
-    return os.path.join(out_dir, filename), {"filename": filename, "subfolder": subfolder, "type": "output"}
+    def for_pipeline(self):
+        """What NarrationModels.entangler takes: the trained model, or the mode of an identity one."""
+        return self.mode if self.path is None else load_entangler(self.path)
 
 
 class LoadEntangler(io.ComfyNode):
@@ -117,7 +113,7 @@ class StreamToMP4(io.ComfyNode):
     @classmethod
     def execute(cls, samples, vae, audio, fps, filename_prefix, batch_size=8) -> io.NodeOutput:
         latents = samples["samples"]
-        path, saved = _output_path(filename_prefix, latents.shape[-1] * 8, latents.shape[-2] * 8)
+        path, saved = output_mp4(filename_prefix, latents.shape[-1] * 8, latents.shape[-2] * 8)
         _, decode = vae_callables(vae)
         with input_errors("Stream to MP4"):
             av.stream_latents_to_mp4(path, latents, decode, fps, audio["waveform"][0], audio["sample_rate"],
@@ -190,13 +186,12 @@ class Narrate(io.ComfyNode):
             xtts=xtts.model(), tokenizer=xtts.tokenizer, hallo=hallo.model(), wav2vec=wav2vec.model(),
             vae_encode=encode, vae_decode=decode, landmarker=landmarker_path,
             identity_model=folder_paths.get_full_path("narrate_face_analysis", IDENTITY_MODEL),
-            entangler=None if entangler is None else (entangler.mode if entangler.path is None
-                                                      else load_entangler(entangler.path)))
+            entangler=None if entangler is None else entangler.for_pipeline())
         settings = pipeline.NarrationSettings(
             language=language, fps=av.exact_fps(fps), size=size,
             speech=SamplingParams(temperature=temperature, speed=speed, seed=seed, max_new_tokens=max_codes or None),
             video=SamplerSettings(steps=steps, cfg=cfg, seed=seed, scheduler=scheduler))
-        path, saved = _output_path(filename_prefix, size, size)
+        path, saved = output_mp4(filename_prefix, size, size)
         clips = [(w, voice["sample_rate"]) for w in voice["waveform"]]
         with input_errors("Narrate"), torch.inference_mode():
             result = pipeline.narrate_to_mp4(models, image[0], clips, text, path, settings, progress_bar(1))

@@ -206,7 +206,7 @@ def test_missing_unexpected_and_misshaped_keys(tmp_path, small_sd):
     text = str(err.value)
     assert "1 missing: gpt.conditioning_perceiver.norm.gamma" in text
     assert "1 unexpected: gpt.extra_head.weight" in text
-    assert "mis-shaped: hifigan_decoder.waveform_decoder.conv_post.weight [1, 16, 7] (expected [1, 4, 7])" in text
+    assert "mis-shaped: hifigan_decoder.waveform_decoder.conv_post.weight (1, 16, 7) (expected (1, 4, 7))" in text
 
 
 def test_missing_files_say_where_they_go(tmp_path):

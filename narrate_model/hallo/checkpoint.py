@@ -13,34 +13,18 @@ from typing import Mapping, Optional, Union
 
 import torch
 from ..errors import CheckpointError
-from ..state_dict import read_state_dict
+from ..state_dict import key_mismatch, read_state_dict
 from .net import HalloConfig, HalloNet, build_net, tiny_config
 
 PathLike = Union[str, Path]
 
 
-def _few(keys, n: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
-
-
 def check_state_dict(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise CheckpointError naming missing / unexpected / mis-shaped keys (a few of each, with counts)."""
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    misshaped = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
-                 for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k])]
-    if not (missing or unexpected or misshaped):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
-    if misshaped:
-        parts.append(f"{len(misshaped)} mis-shaped key(s): {'; '.join(misshaped[:5])}")
-    raise CheckpointError(f"{what} does not match Hallo's Net layout: " + "; ".join(parts)
-                          + ". Use Hallo's net.pth (fudan-generative-ai/hallo, hallo/net.pth).")
+    problems = key_mismatch(expected, state)
+    if problems:
+        raise CheckpointError(f"{what} does not match Hallo's Net layout: {problems}. "
+                              "Use Hallo's net.pth (fudan-generative-ai/hallo, hallo/net.pth).")
 
 
 def motion_module_state(path: PathLike) -> dict[str, torch.Tensor]:

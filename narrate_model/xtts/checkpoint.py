@@ -15,6 +15,7 @@ from typing import Iterable, Union
 import torch
 
 from ..errors import CheckpointError
+from ..state_dict import key_mismatch, listing
 from ..state_dict import read_state_dict as _read
 from .config import XttsConfig
 from .model import XttsModel
@@ -93,12 +94,6 @@ def _unfold_plain_weights(sd: dict, expected: dict) -> None:
                 w.float(), dim=tuple(range(1, w.dim())), keepdim=True).to(w.dtype)
 
 
-def _listing(keys: Iterable[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _top_prefixes(keys: Iterable[str]) -> str:
     return ", ".join(sorted({k.split(".")[0] for k in keys})[:8])
 
@@ -109,21 +104,9 @@ def check_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module, source
         raise CheckpointError(f"{source} is not an XTTS-v2 checkpoint: it has no gpt.conditioning_encoder.* or "
                               f"hifigan_decoder.* weights (its top-level entries: {_top_prefixes(sd) or 'none'}). "
                               f"Use model.pth from coqui/XTTS-v2 in {MODELS_DIR_HINT}")
-    expected = model.state_dict()
-    missing = set(expected) - set(sd)
-    unexpected = set(sd) - set(expected)
-    misshaped = [f"{k} {list(sd[k].shape)} (expected {list(expected[k].shape)})"
-                 for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
-        if misshaped:
-            parts.append(f"{len(misshaped)} mis-shaped: {_listing(misshaped, 3)}")
-        raise CheckpointError(f"{source} does not match the XTTS-v2 model described by its config.json: "
-                              + "; ".join(parts))
+    problems = key_mismatch({k: v.shape for k, v in model.state_dict().items()}, sd)
+    if problems:
+        raise CheckpointError(f"{source} does not match the XTTS-v2 model described by its config.json: {problems}")
 
 
 def _vocab_overrides(folder: Path) -> dict:
@@ -170,7 +153,7 @@ def load_xtts(folder_or_files: Union[str, Path, Iterable], device="cpu",
     model.hifigan_decoder.fold_weight_norm()
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:  # a tensor that is neither in the checkpoint nor computed at load: a bug in our model code
-        raise RuntimeError(f"XTTS tensors left uninitialised after loading: {_listing(leftovers)}")
+        raise RuntimeError(f"XTTS tensors left uninitialised after loading: {listing(leftovers)}")
     model = model.to(device=device)
     if dtype != torch.float32:
         model = model.to(dtype=dtype)  # floating tensors only; num_batches_tracked stays int64
