@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES
 from narrate_model.errors import NarrateInputError
+from narrate_model import resample as resampling
 from narrate_model.xtts import mel
 from narrate_model.xtts.conditioning import ConditioningEncoder, PerceiverResampler, gpt_cond_latents, style_embedding
 from narrate_model.xtts.config import XttsConfig
@@ -78,7 +79,7 @@ def test_mel_front_ends_equal_torchaudio():
 def test_own_resampler_equals_torchaudio(orig, new):
     ta = pytest.importorskip("torchaudio")
     wav = torch.randn(2, 3, 7001)
-    ours, theirs = mel.resample_sinc(wav, orig, new), ta.functional.resample(wav, orig, new)
+    ours, theirs = resampling.resample_sinc(wav, orig, new), ta.functional.resample(wav, orig, new)
     assert ours.shape == theirs.shape
     close(ours, theirs, atol=1e-6, rtol=0)
 
@@ -116,7 +117,7 @@ def test_speaker_encoder(small, io_speaker, io_cond):
         close(emb, io_speaker["speaker_embedding"], atol=1e-5, rtol=0)
         assert torch.equal(wav, io_speaker["wav_16000"]), "the input waveform must not be modified"
         assert torch.allclose(emb.norm(dim=1), torch.ones(1, 1), atol=1e-6)
-        for resampler in (mel.resample, mel.resample_sinc):  # with torchaudio and with our fallback
+        for resampler in (resampling.resample, resampling.resample_sinc):  # with torchaudio and with our fallback
             emb_22k = encoder(resampler(io_cond["wav_22050"], 22050, 16000)).unsqueeze(-1)
             close(emb_22k, io_speaker["speaker_embedding_via_get_speaker_embedding_from_22k"], atol=1e-5, rtol=0)
 
@@ -135,9 +136,9 @@ def test_encode_voice_reproduces_upstream(small, io_cond, io_speaker):
 def test_encode_voice_any_rate_and_channels(small, io_cond):
     """Stereo 44.1 kHz in: channels are averaged and the result resampled to 22.05 kHz."""
     mono = io_cond["wav_22050"][0, :22050 * 3]
-    stereo_44k = mel.resample(torch.stack([mono * 0.5, mono * 1.5]), 22050, 44100)  # mean = mono
+    stereo_44k = resampling.resample(torch.stack([mono * 0.5, mono * 1.5]), 22050, 44100)  # mean = mono
     voice = encode_voice(small, [(stereo_44k, 44100)])
-    reference = encode_voice(small, [(mel.resample(mel.resample(mono, 22050, 44100), 44100, 22050)[None], 22050)])
+    reference = encode_voice(small, [(resampling.resample(resampling.resample(mono, 22050, 44100), 44100, 22050)[None], 22050)])
     close(voice.gpt_cond_latent, reference.gpt_cond_latent, atol=1e-5, rtol=1e-5)
     close(voice.speaker_embedding, reference.speaker_embedding, atol=1e-6, rtol=0)
     assert voice.gpt_cond_latent.shape == (1, 32, 64) and voice.speaker_embedding.shape == (1, 512, 1)
@@ -149,7 +150,7 @@ def test_encode_voice_several_clips(small, io_cond):
     voice = encode_voice(small, [(a, 22050), (b, 22050)])
     encoder = small.hifigan_decoder.speaker_encoder
     with torch.no_grad():
-        embs = [encoder(mel.resample(x, 22050, 16000)) for x in (a, b)]
+        embs = [encoder(resampling.resample(x, 22050, 16000)) for x in (a, b)]
     close(voice.speaker_embedding, ((embs[0] + embs[1]) / 2).unsqueeze(-1), atol=1e-6, rtol=0)
     joined = gpt_cond_latents(small.gpt, torch.cat([a, b], dim=-1), small.mel_stats, 30, 4)
     close(voice.gpt_cond_latent, joined, atol=1e-6, rtol=0)
@@ -173,9 +174,9 @@ def test_encode_voice_errors_and_warnings(small, io_cond):
 
 def test_voice_without_torchaudio(small, io_cond, monkeypatch):
     """ComfyUI installs may lack torchaudio: the profile is then computed with our own resampler, same result."""
-    clip = mel.resample(io_cond["wav_22050"][:, :22050 * 3], 22050, 44100)
+    clip = resampling.resample(io_cond["wav_22050"][:, :22050 * 3], 22050, 44100)
     with_ta = encode_voice(small, [(clip, 44100)])
-    monkeypatch.setattr(mel, "_torchaudio_resample", lambda: None)
+    monkeypatch.setattr(resampling, "_torchaudio_resample", lambda: None)
     without = encode_voice(small, [(clip, 44100)])
     close(without.gpt_cond_latent, with_ta.gpt_cond_latent, atol=1e-5, rtol=1e-5)
     close(without.speaker_embedding, with_ta.speaker_embedding, atol=1e-6, rtol=0)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, NarrateInputError
 from ..progress import ProgressFn, report
+from ..resample import resample
 
 SAMPLE_RATE = 16000
 WINDOW_RADIUS = 2  # Hallo's process_audio_emb: frames i-2 .. i+2
@@ -77,11 +78,7 @@ def mono_16k(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
         raise NarrateInputError("audio", f"expected a [channels, samples] waveform with samples, got shape "
                                          f"{tuple(waveform.shape)}; connect an AUDIO output with some speech")
     mono = waveform.float().mean(0)
-    if sample_rate != SAMPLE_RATE:
-        import torchaudio
-
-        mono = torchaudio.functional.resample(mono, sample_rate, SAMPLE_RATE)
-    return mono
+    return resample(mono, sample_rate, SAMPLE_RATE)
 
 
 def normalize(signal: torch.Tensor) -> torch.Tensor:

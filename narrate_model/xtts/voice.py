@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 
 from ..errors import NarrateInputError
+from ..resample import resample
 from .conditioning import gpt_cond_latents
-from .mel import CLONING_SAMPLE_RATE, resample
+from .mel import CLONING_SAMPLE_RATE
 
 MIN_SECONDS = 1.0
 RECOMMENDED_SECONDS = 3.0
