@@ -64,8 +64,12 @@ def test_video_graph_gives_one_frame_per_frame_of_audio_across_clips(comfy, smal
     seconds = 0.9  # 23 frames at 25 fps: two 16-frame clips
     image = comfy.upload(MEDIA / "images" / "man.jpg")
     audio = comfy.upload(clip_wav(tmp_path, seconds))
+    prompt = video_prompt(small_video_models, image, audio)
+    prompt["11"] = {"class_type": "NFY_BatchedVAEDecode", "inputs": {"samples": ["8", 0], "vae": ["2", 0],
+                                                                     "batch_size": 5}}
+    prompt["12"] = {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}}
     with comfy.listen() as ws:
-        entry = comfy.run(video_prompt(small_video_models, image, audio), timeout=600)
+        entry = comfy.run(prompt, timeout=600)
     expected = math.ceil(seconds * FPS)
     with av.open(io.BytesIO(comfy.view(entry["outputs"]["10"]["images"][0]))) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -73,6 +77,7 @@ def test_video_graph_gives_one_frame_per_frame_of_audio_across_clips(comfy, smal
     assert len(frames) == expected > 16
     assert frames[0].shape == (64, 64, 3)
     assert abs(audio_s - expected / FPS) <= 1 / FPS
+    assert len(entry["outputs"]["12"]["images"]) == expected  # the batched decoder gives the same frames
     steps = [m for m in ws.of("progress") if m["node"] == "8"]
     assert steps[-1]["value"] == steps[-1]["max"] == 2 * 2  # 2 clips x 2 steps, one report per step
 
