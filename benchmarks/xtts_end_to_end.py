@@ -43,8 +43,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("NFY_BENCH_CACHE", Path.home() / ".cache" / "narrate-for-you"))
-VOICE_FILE = Path("/work/shared/media/videos/man.mp4")
-VOCAB_FILE = Path("/work/shared/fixtures/xtts/bpe_vocab.json")
+VOICE_FILE = REPO.parent / "shared" / "media" / "videos" / "man.mp4"
+VOCAB_FILE = REPO.parent / "shared" / "fixtures" / "xtts" / "bpe_vocab.json"
 COQUI_VERSION = "0.28.0"
 STOP_BIAS_DROP = 100.0
 REPETITION_PENALTY = 10.0  # Xtts.inference's default
