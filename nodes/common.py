@@ -27,23 +27,25 @@ TOKENS = io.Custom("NFY_TOKENS")
 SPEECH_LATENTS = io.Custom("NFY_SPEECH_LATENTS")
 AUDIO_FEATURES = io.Custom("NFY_AUDIO_FEATURES")
 
-# Where each kind of weight lives under ComfyUI's models/ folder (names as folder_paths knows them).
+# Where each kind of weight lives under ComfyUI's models/ folder (names as folder_paths knows them), and the file
+# types its dropdown lists (None: every file; the loaders of folder checkpoints pick sub-folders by a marker file).
 MODEL_FOLDERS = {
-    "narrate_xtts": "narrate/xtts",  # one sub-folder per XTTS checkpoint: config.json, model.pth, vocab.json
-    "narrate_hallo": "narrate/hallo",  # net.pth (or .safetensors)
-    "narrate_motion_module": "narrate/motion_module",  # mm_sd_v15_v2.ckpt
-    "narrate_wav2vec2": "narrate/wav2vec2",  # one sub-folder per model, e.g. wav2vec2-base-960h/
-    "narrate_face_analysis": "narrate/face_analysis",  # face_landmarker.task, antelopev2 glintr100.onnx
-    "narrate_entangle": "narrate/entangle",  # NFY entanglement transformers
+    "narrate_xtts": ("narrate/xtts", None),  # one sub-folder per XTTS checkpoint: config.json, model.pth, vocab.json
+    "narrate_hallo": ("narrate/hallo", "weights"),  # net.pth (or .safetensors); a same-name .json describes a layout
+    "narrate_motion_module": ("narrate/motion_module", "weights"),  # mm_sd_v15_v2.ckpt
+    "narrate_wav2vec2": ("narrate/wav2vec2", None),  # one sub-folder per model, e.g. wav2vec2-base-960h/
+    "narrate_face_analysis": ("narrate/face_analysis", {".task", ".onnx"}),  # MediaPipe landmarker, ArcFace
+    "narrate_entangle": ("narrate/entangle", {".safetensors"}),  # NFY entanglement transformers
 }
 
 
 def register_model_folders() -> None:
     """Adds the pack's model folders to folder_paths (models/narrate/...), creating nothing on disk."""
-    for name, rel in MODEL_FOLDERS.items():
+    for name, (rel, kinds) in MODEL_FOLDERS.items():
         path = os.path.join(folder_paths.models_dir, *rel.split("/"))
+        extensions = set(folder_paths.supported_pt_extensions) if kinds == "weights" else set(kinds or ())
         if name not in folder_paths.folder_names_and_paths:
-            folder_paths.folder_names_and_paths[name] = ([path], set())
+            folder_paths.folder_names_and_paths[name] = ([path], extensions)
         elif path not in folder_paths.folder_names_and_paths[name][0]:
             folder_paths.folder_names_and_paths[name][0].append(path)
 

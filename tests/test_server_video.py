@@ -82,6 +82,12 @@ def test_video_graph_gives_one_frame_per_frame_of_audio_across_clips(comfy, smal
     assert steps[-1]["value"] == steps[-1]["max"] == 2 * 2  # 2 clips x 2 steps, one report per step
 
 
+def test_loader_dropdowns_list_weights_not_their_layout_files(comfy, small_video_models):
+    options = comfy.get_json("/object_info/NFY_LoadHallo")["NFY_LoadHallo"]["input"]["required"]["checkpoint"][0]
+    assert small_video_models["hallo"] in options and "net.pth" in options  # present + the expected default
+    assert not any(o.endswith(".json") for o in options)
+
+
 def test_no_face_is_a_clear_error(comfy, small_video_models, tmp_path):
     from PIL import Image
 
