@@ -2,7 +2,7 @@
 
 `net.pth` holds every weight of the Net, the trained AnimateDiff motion modules included (Hallo's inference.py
 builds the denoising UNet from SD1.5 + `mm_sd_v15_v2.ckpt` and then overwrites all of it with a strict
-`net.load_state_dict(torch.load("net.pth"))`). A separate motion-module file is therefore optional: when given,
+`net.load_state_dict` of net.pth). A separate motion-module file is therefore optional: when given,
 it only fills motion-module keys the net file lacks (AnimateDiff key names, e.g.
 `down_blocks.0.motion_modules.0.temporal_transformer...`), and net.pth wins where both have a key.
 """
