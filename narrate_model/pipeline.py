@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from itertools import accumulate
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -99,9 +100,9 @@ def speak(xtts, tokens: TextTokens, voice: VoiceProfile, params: SamplingParams,
     """Text chunks -> one 24 kHz AUDIO track in the voice, and the second at which each chunk starts."""
     speech = synthesize(xtts, tokens, voice, params, progress)
     pieces = vocode_chunks(xtts, speech, voice)
-    starts = [sum(p.numel() for p in pieces[:i]) / speech.sample_rate for i in range(len(pieces))]
-    return {"waveform": join_chunks(pieces, speech.sample_rate).view(1, 1, -1), "sample_rate": speech.sample_rate}, \
-        starts
+    rate = speech.sample_rate
+    starts = [n / rate for n in accumulate((p.numel() for p in pieces[:-1]), initial=0)]
+    return {"waveform": join_chunks(pieces, rate).view(1, 1, -1), "sample_rate": rate}, starts
 
 
 def listen(wav2vec, audio: dict, fps, progress: ProgressFn = None) -> AudioFeatures:
