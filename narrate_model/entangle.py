@@ -195,7 +195,7 @@ class Entangler(nn.Module):
         """Entangle voice and face conditioning (and read the text ids [T] or [B,T]); shapes are preserved."""
         text_ids = text_ids.unsqueeze(0) if text_ids.dim() == 1 else text_ids
         self._check(voice, face, text_ids)
-        cfg, p, dtype = self.config, self.config.patch_size, self.latents_in.weight.dtype
+        p, dtype = self.config.patch_size, self.latents_in.weight.dtype
         lat, spk, ref, ident = voice.cond_latents, voice.speaker_embedding, face.reference_latent, face.identity
         b, n, (h, w) = lat.shape[0], lat.shape[1], ref.shape[2:]
         voice_tokens = torch.cat([self.latents_in(lat.to(dtype)),

@@ -12,7 +12,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..narrate_model.errors import NarrateInputError
+from ..narrate_model.errors import CheckpointError, NarrateInputError
 
 CATEGORY = "Narrate"
 
@@ -73,6 +73,15 @@ def input_errors(node_name: str):
         yield
     except NarrateInputError as e:
         raise ValueError(f"{node_name}: {e}") from e
+
+
+@contextlib.contextmanager
+def checkpoint_errors(node_name: str, input_name: str):
+    """Re-raises a loader's CheckpointError (wrong model, mismatched keys) naming the node and its input."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise ValueError(f"{node_name}: input '{input_name}': {e}") from e
 
 
 class Managed(torch.nn.Module):

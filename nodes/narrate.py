@@ -9,12 +9,11 @@ from comfy_api.latest import InputImpl, io
 
 from ..narrate_model import av, pipeline
 from ..narrate_model.entangle import load_entangler
-from ..narrate_model.errors import CheckpointError
 from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
 from .common import (CATEGORY, ENTANGLER, FACE, HALLO, TOKENS, VOICE, WAV2VEC, XTTS, checkpoint_choices,
-                     input_errors, locate_checkpoint, output_mp4, progress_bar, registry_help)
+                     checkpoint_errors, input_errors, locate_checkpoint, output_mp4, progress_bar, registry_help)
 from .video import LANDMARKER_DEFAULT, IDENTITY_MODEL, vae_callables
 
 UNTRAINED = {"untrained identity (ETE)": "ETE", "untrained identity (STE)": "STE"}
@@ -58,10 +57,8 @@ class LoadEntangler(io.ComfyNode):
         if entangler in UNTRAINED:
             return io.NodeOutput(EntanglerHandle(None, UNTRAINED[entangler]))
         path = locate_checkpoint("Load Entangler", "narrate_entangle", entangler)
-        try:
+        with checkpoint_errors("Load Entangler", "entangler"):
             mode = load_entangler(path).config.mode  # read once here so a bad file fails at the loader
-        except CheckpointError as e:
-            raise ValueError(f"Load Entangler: input 'entangler': {e}") from e
         return io.NodeOutput(EntanglerHandle(path, mode))
 
 

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from ..narrate_model.errors import CheckpointError
 from ..narrate_model.xtts.speech import synthesize, vocode
 from ..narrate_model.xtts.checkpoint import load_xtts
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES, XttsTokenizer, tokenize
 from ..narrate_model.xtts.voice import encode_voice
-from .common import (CATEGORY, SPEECH_LATENTS, TOKENS, VOICE, XTTS, checkpoint_choices, input_errors, load_to_device,
-                     licence_of, locate_checkpoint, patcher, progress_bar, registry_help)
+from .common import (CATEGORY, SPEECH_LATENTS, TOKENS, VOICE, XTTS, checkpoint_choices, checkpoint_errors, input_errors,
+                     load_to_device, licence_of, locate_checkpoint, patcher, progress_bar, registry_help)
 
 XTTS_DEFAULT = "XTTS-v2"  # the folder the registry downloads coqui/XTTS-v2 into
 
@@ -50,11 +49,9 @@ class LoadXTTS(io.ComfyNode):
         help_text = registry_help("xtts-v2") if checkpoint == XTTS_DEFAULT else \
             "Put config.json, model.pth (or model.safetensors) and vocab.json of an XTTS-v2 checkpoint there."
         folder = locate_checkpoint("Load XTTS-v2", "narrate_xtts", checkpoint, "config.json", help_text)
-        try:
+        with checkpoint_errors("Load XTTS-v2", "checkpoint"):
             model, config = load_xtts(folder)
             tokenizer = XttsTokenizer(os.path.join(folder, "vocab.json"))
-        except CheckpointError as e:
-            raise ValueError(f"Load XTTS-v2: input 'checkpoint': {e}") from e
         handle = XttsHandle(patcher(model), config, tokenizer, checkpoint)
         return io.NodeOutput(handle, ui={"text": [f"{checkpoint}: " + licence_of("xtts-v2/model.pth")]})
 

@@ -7,13 +7,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..narrate_model.errors import CheckpointError
 from ..narrate_model import pipeline
 from ..narrate_model.hallo.audio import load_wav2vec
 from ..narrate_model.hallo.checkpoint import load_hallo
 from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
-from .common import (AUDIO_FEATURES, CATEGORY, FACE, HALLO, WAV2VEC, checkpoint_choices, input_errors, licence_of,
-                     load_to_device, locate_checkpoint, patcher, progress_bar, registry_help)
+from .common import (AUDIO_FEATURES, CATEGORY, FACE, HALLO, WAV2VEC, checkpoint_choices, checkpoint_errors,
+                     input_errors, licence_of, load_to_device, locate_checkpoint, patcher, progress_bar, registry_help)
 
 HALLO_DEFAULT = "net.pth"
 WAV2VEC_DEFAULT = "wav2vec2-base-960h"
@@ -76,10 +75,8 @@ class LoadHallo(io.ComfyNode):
         path = locate_checkpoint("Load Hallo", "narrate_hallo", checkpoint, None, help_text)
         motion = None if motion_module == "none" else folder_paths.get_full_path_or_raise(
             "narrate_motion_module", motion_module)
-        try:
+        with checkpoint_errors("Load Hallo", "checkpoint"):
             net = load_hallo(path, motion, _compute_dtype(dtype))
-        except CheckpointError as e:
-            raise ValueError(f"Load Hallo: input 'checkpoint': {e}") from e
         return io.NodeOutput(ModelHandle(patcher(net), checkpoint),
                              ui={"text": [f"{checkpoint}: " + licence_of("hallo/net.pth")]})
 
@@ -103,10 +100,8 @@ class LoadWav2Vec(io.ComfyNode):
         help_text = registry_help("wav2vec2-base-960h") if model == WAV2VEC_DEFAULT else \
             "Put a wav2vec2 transformers folder there."
         folder = locate_checkpoint("Load wav2vec2", "narrate_wav2vec2", model, "config.json", help_text)
-        try:
+        with checkpoint_errors("Load wav2vec2", "model"):
             encoder = load_wav2vec(folder)
-        except CheckpointError as e:
-            raise ValueError(f"Load wav2vec2: input 'model': {e}") from e
         return io.NodeOutput(ModelHandle(patcher(encoder), model),
                              ui={"text": [f"{model}: " + licence_of("wav2vec2-base-960h/model.safetensors")]})
 

@@ -14,7 +14,6 @@ import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 CLONING_SAMPLE_RATE = 22050
