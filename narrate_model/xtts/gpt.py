@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import NarrateInputError
 from ..progress import ProgressFn, report
@@ -109,12 +110,19 @@ class GPT2Stack(nn.Module):
         super().__init__()
         self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim, eps=1e-5)
+        # Training option: recompute each block in the backward pass instead of keeping its activations. Only on
+        # uncached passes that record gradients, so generation is unaffected.
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mask: optional boolean attention mask [B,1,T,keys] (True = may attend), for left-padded batches."""
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
-            x = block(x, cache, i, mask)
+            if recompute:  # non-reentrant: parameter gradients survive even when x itself needs none
+                x = checkpoint(block, x, None, i, mask, use_reentrant=False)
+            else:
+                x = block(x, cache, i, mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.ln_f(x)
