@@ -76,7 +76,7 @@ def test_padding_mask_is_needed_for_parity(xtts, io):
                                       io["wav_lengths"], cond_latents_from_mels(xtts.gpt, io["cond_mels"]))
         logits = xtts.gpt.mel_head(latents).transpose(1, 2)
     err = (logits - io["mel_logits"][..., :69]).abs().max().item()
-    assert err > 1e-2, err
+    assert err > 1e-2, err  # measured 1.13
 
 
 def test_latents_train_match_return_latent_in_train_mode(xtts, io):
