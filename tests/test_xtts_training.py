@@ -1,5 +1,7 @@
 """XTTS side of NFY training: the GPT's teacher-forced training pass against coqui-tts 0.28.0 (GPTTrainer) on the
 reduced fixture model, and the audio loss training an entangler in front of a frozen XTTS."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,8 @@ from narrate_model.errors import NarrateInputError
 from narrate_model.resample import resample
 from narrate_model.train.audio_loss import AudioBatch, audio_loss, spectrogram_mse
 from narrate_model.xtts.checkpoint import load_xtts
-from narrate_model.xtts.gpt_train import cond_latents_from_mels, frame_batch, forward_train, return_latent_train
+from narrate_model.xtts.gpt_train import (GPT_TRAINER_DROPOUT, cond_latents_from_mels, forward_train, frame_batch,
+                                          return_latent_train)
 
 XTTS = FIXTURES / "xtts"
 TOL = dict(atol=1e-4, rtol=0)
@@ -33,7 +36,6 @@ def xtts():
 
 def fresh_gpt(xtts):
     """The GPT with gradients on (a deep copy, so the frozen module-scoped model stays untouched)."""
-    import copy
     return copy.deepcopy(xtts.gpt).requires_grad_(True)
 
 
@@ -144,6 +146,33 @@ def test_gradient_checkpointing_gives_the_same_numbers(xtts, io, monkeypatch):
     monkeypatch.setattr(gpt_module, "checkpoint", lambda fn, *a, use_reentrant: real(fn, *a, use_reentrant=True))
     with pytest.raises(RuntimeError, match="does not require grad"):
         block_grad()  # nothing in the graph needs a gradient at all with the reentrant variant
+
+
+def test_dropout_in_train_mode_and_replayed_by_checkpointing(xtts, io, monkeypatch):
+    gpt = fresh_gpt(xtts)
+    gpt.gpt.dropout = GPT_TRAINER_DROPOUT
+    plain = losses_and_grads(gpt, io)[0].loss_mel  # eval mode: no dropout, upstream's numbers
+    torch.testing.assert_close(plain, io["loss_mel"], **TOL)
+    gpt.train()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out, grads = losses_and_grads(gpt, io)
+        return out.loss_mel, grads
+
+    first, first_grads = run(0)
+    assert first != plain and run(1)[0] != first  # masks differ per draw ...
+    gpt.gpt.gradient_checkpointing = True
+    again, again_grads = run(0)
+    assert torch.equal(again, first)  # ... and the recomputation replays the same masks: same gradients
+    for name in GRAD_NAMES:
+        torch.testing.assert_close(again_grads[name], first_grads[name], atol=1e-7, rtol=1e-6)
+    # broken variant: recomputing without the saved RNG state draws other masks, and the gradients are wrong
+    real = gpt_module.checkpoint
+    monkeypatch.setattr(gpt_module, "checkpoint",
+                        lambda fn, *a, use_reentrant: real(fn, *a, use_reentrant=False, preserve_rng_state=False))
+    wrong = run(0)[1]
+    assert any(not torch.allclose(wrong[n], first_grads[n], atol=1e-6) for n in GRAD_NAMES)
 
 
 def test_bad_batches_name_the_input(xtts, io):

@@ -6,6 +6,7 @@ position embedding (GPT-2's `wpe` is unused upstream, positions restart at 0 for
 vocoder consumes for code i is `final_norm` of the last hidden state at the input that predicted code i.
 
 State-dict keys are the checkpoint's `gpt.*` keys without the `gpt.` prefix (GPT-2 `Conv1D` weights stay [in, out]).
+The teacher-forced training pass (losses, padding, targets as coqui's GPTTrainer) is in `gpt_train.py`.
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -62,7 +63,7 @@ class SelfAttention(nn.Module):
         self.c_proj = Conv1D(dim, dim)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, dropout: float = 0.0) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.c_attn(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         first = cache is None or cache.length == 0
@@ -71,9 +72,9 @@ class SelfAttention(nn.Module):
         if not first and t > 1:
             raise ValueError("KV-cached steps feed one position at a time")
         if mask is not None:  # padded batch: the caller's mask [B,1,t,keys] already holds causality
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:  # causal mask only over a fresh sequence; a single cached step may see every earlier position
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=first and t > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=first and t > 1, dropout_p=dropout)
         return self.c_proj(out.transpose(1, 2).reshape(b, t, c))
 
 
@@ -87,6 +88,10 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
+def _drop(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p) if p else x
+
+
 class Block(nn.Module):
     """Pre-LayerNorm GPT-2 block."""
 
@@ -98,9 +103,10 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
-        return x + self.mlp(self.ln_2(x))
+                mask: Optional[torch.Tensor] = None, dropout: float = 0.0) -> torch.Tensor:
+        """dropout: GPT-2's attention and residual dropout probability (0 outside training)."""
+        x = x + _drop(self.attn(self.ln_1(x), cache, layer, mask, dropout), dropout)
+        return x + _drop(self.mlp(self.ln_2(x)), dropout)
 
 
 class GPT2Stack(nn.Module):
@@ -113,16 +119,21 @@ class GPT2Stack(nn.Module):
         # Training option: recompute each block in the backward pass instead of keeping its activations. Only on
         # uncached passes that record gradients, so generation is unaffected.
         self.gradient_checkpointing = False
+        # GPT-2's dropout (embeddings, attention, residuals; 0.1 when coqui's GPTTrainer trains), applied only in
+        # train mode. 0 by default: inference never uses it.
+        self.dropout = 0.0
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mask: optional boolean attention mask [B,1,T,keys] (True = may attend), for left-padded batches."""
         recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        p = self.dropout if self.training else 0.0
+        x = _drop(x, p)
         for i, block in enumerate(self.h):
-            if recompute:  # non-reentrant: parameter gradients survive even when x itself needs none
-                x = checkpoint(block, x, None, i, mask, use_reentrant=False)
+            if recompute:  # non-reentrant: parameter gradients survive even when x itself needs none; the RNG state
+                x = checkpoint(block, x, None, i, mask, p, use_reentrant=False)  # is replayed, same dropout masks
             else:
-                x = block(x, cache, i, mask)
+                x = block(x, cache, i, mask, p)
         if cache is not None:
             cache.length += x.shape[1]
         return self.ln_f(x)

@@ -36,6 +36,7 @@ IGNORE = -1
 #                and v2 divides the sample indices by the perceiver's 256 instead of the code stride -- for parity.
 PROMPT_MASKING = ("per_item", "last_item")
 UPSTREAM_PROMPT_DIVISOR = 256  # coqui's `perceiver_cond_length_compression`
+GPT_TRAINER_DROPOUT = 0.1  # GPT-2's default attention / residual / embedding dropout, on while GPTTrainer trains
 
 
 @dataclass
@@ -153,8 +154,9 @@ def forward_train(gpt: XttsGPT, text_ids: torch.Tensor, text_lengths: torch.Tens
                   wav_lengths: torch.Tensor, cond_latents: torch.Tensor, cond_idxs: Optional[torch.Tensor] = None,
                   prompt_masking: str = "per_item", label_smoothing: float = 0.0) -> TrainOutput:
     """Upstream `GPT.forward(...)` (the losses path) with conditioning latents [B, 32, C] given directly (use
-    `cond_latents_from_mels` for upstream's `cond_mels`). Works in any module mode: our GPT has no dropout and the
-    result does not depend on `gpt.training`."""
+    `cond_latents_from_mels` for upstream's `cond_mels`). Unlike upstream, the framing does not depend on the module
+    mode; GPT-2's dropout applies when `gpt.gpt.dropout` is set (GPT_TRAINER_DROPOUT to train the GPT as coqui does)
+    and the GPT is in train mode."""
     t = frame_batch(gpt, text_ids, text_lengths, audio_codes, wav_lengths, cond_idxs, prompt_masking)
     enc, n_text = _hidden(gpt, cond_latents, t, masked=True)
     text_logits = gpt.text_head(enc[:, :n_text]).transpose(1, 2)
