@@ -1,6 +1,7 @@
 """XTTS side of NFY training: the GPT's teacher-forced training pass against coqui-tts 0.28.0 (GPTTrainer) on the
 reduced fixture model, and the audio loss training an entangler in front of a frozen XTTS."""
 import copy
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import FIXTURES
 from narrate_model.entangle import Entangler, EntanglerConfig, FaceConditioning, VoiceConditioning
 from narrate_model.errors import NarrateInputError
 from narrate_model.resample import resample
-from narrate_model.train.audio_loss import AudioBatch, audio_loss, spectrogram_mse
+from narrate_model.train.audio_loss import AudioBatch, audio_loss, code_windows, spectrogram_mse
 from narrate_model.xtts.checkpoint import load_xtts
 from narrate_model.xtts.gpt_train import (GPT_TRAINER_DROPOUT, cond_latents_from_mels, forward_train, frame_batch,
                                           return_latent_train)
@@ -207,6 +208,34 @@ def test_spectrogram_mse_counts_each_clips_own_frames():
         spectrogram_mse(generated, target, torch.tensor([24000, 24000]), 24000)
 
 
+def test_vocoder_windows_line_latents_up_with_their_target_samples():
+    """Latent i voices the target from sample i * 1024 * 24000 / 22050 on: each window's target starts where its
+    first latent's audio does, inside the clip's own codes (a clip shorter than the window starts at 0)."""
+    spc = 1024 * 24000 / 22050
+    code_lengths = torch.tensor([40, 5])
+    latents = torch.arange(40.0)[None, :, None].expand(2, 40, 3)  # each latent holds its index
+    target = (torch.arange(int(40 * spc)) / spc).floor()[None].expand(2, -1)  # each sample: the code it belongs to
+    lengths = torch.floor(code_lengths * spc).long()
+    middles = (torch.arange(8) * spc + spc / 2).long()  # the middle of each window latent's audio
+
+    def check(samples_per_code, seed):
+        lat, tgt, n = code_windows(latents, code_lengths, target, lengths, 8, samples_per_code,
+                                   torch.Generator().manual_seed(seed))
+        starts = lat[:, 0, 0].long()
+        assert 0 <= starts[0] <= 32 and starts[1] == 0
+        for b in range(2):
+            assert torch.equal(lat[b, :, 0], torch.arange(8.0) + starts[b])
+            assert n[b] == min(int(lengths[b] - math.floor(starts[b] * samples_per_code)), tgt.shape[1])
+            inside = middles[middles < n[b]]
+            assert torch.equal(tgt[b, inside], lat[b, :len(inside), 0]), (samples_per_code, seed)
+        return int(starts[0])
+
+    assert len({check(spc, seed) for seed in range(6)}) > 1  # the window moves with the generator
+    with pytest.raises(AssertionError):  # broken variant: 1024 samples per code (the 22.05 kHz stride at 24 kHz)
+        for seed in range(6):
+            check(1024.0, seed)
+
+
 def short_batch(io, voice: VoiceConditioning) -> AudioBatch:
     """The fixture's batch cut to 6 and 4 codes (about 0.28 s), so the vocoder pass stays cheap."""
     wav_lengths = torch.tensor([6 * 1024, 4 * 1024 - 300])
@@ -272,9 +301,16 @@ def test_audio_loss_trains_the_entangler_and_leaves_xtts_frozen(xtts, io):
             extra.copy_(frozen["hifigan_decoder.waveform_decoder.conv_post.weight"])
 
 
-def test_audio_loss_needs_one_conditioning(xtts, io):
-    voice = VoiceConditioning(torch.zeros(2, 32, 64), torch.zeros(2, 512, 1))
+def test_audio_loss_windows_and_bad_inputs(xtts, io):
+    voice = VoiceConditioning(torch.zeros(2, 32, 64), F.normalize(torch.ones(2, 512, 1), dim=1))
     batch = short_batch(io, voice)
+    with torch.no_grad():
+        whole = audio_loss(xtts, batch)
+        windowed = audio_loss(xtts, batch, vocoder_window=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(windowed["loss_mel"], whole["loss_mel"])  # the window only concerns the vocoder term
+    assert windowed["spectrogram_mse"] != whole["spectrogram_mse"]
+    with pytest.raises(NarrateInputError, match="vocoder_window"):
+        audio_loss(xtts, batch, vocoder_window=0)
     batch.cond_mels = io["cond_mels"]
     with pytest.raises(NarrateInputError, match="exactly one of cond_latents"):
         audio_loss(xtts, batch)

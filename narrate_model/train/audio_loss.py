@@ -18,11 +18,13 @@ embedding through HiFi-GAN), so an entangler in front of XTTS learns from the au
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import NarrateInputError
 from ..xtts.gpt_train import cond_latents_from_mels, forward_train
@@ -79,13 +81,41 @@ def spectrogram_mse(generated: torch.Tensor, target: torch.Tensor, target_length
     return (err * valid).sum() / (valid.sum() * 1.0).clamp_min(1.0)
 
 
+def code_windows(latents: torch.Tensor, code_lengths: torch.Tensor, target_wav: torch.Tensor,
+                 target_lengths: torch.Tensor, window: int, samples_per_code: float,
+                 generator: Optional[torch.Generator] = None):
+    """A random window of `window` latents per clip (start uniform over the clip's own codes; 0 when the clip is
+    shorter) and the target samples they voice: latent i starts at sample i * samples_per_code.
+    -> (latents [B, window, C], target [B, ceil(window * samples_per_code)], target lengths [B])."""
+    b, n, c = latents.shape
+    span = (code_lengths.cpu() - window).clamp(min=0)
+    starts = (torch.rand(b, generator=generator) * (span + 1)).floor().long().to(latents.device)
+    idx = (starts[:, None] + torch.arange(window, device=latents.device)).clamp(max=n - 1)
+    windows = latents.gather(1, idx[..., None].expand(b, window, c))
+    width = math.ceil(window * samples_per_code)
+    first = torch.floor(starts * samples_per_code).long().to(target_wav.device)
+    padded = F.pad(target_wav, (0, width))
+    target = padded.gather(1, (first[:, None] + torch.arange(width, device=target_wav.device)).clamp(
+        max=padded.shape[1] - 1))
+    lengths = (target_lengths.to(target_wav.device) - first).clamp(min=0, max=width)
+    return windows, target, lengths
+
+
 def audio_loss(xtts, batch: AudioBatch, weights: AudioLossWeights = AudioLossWeights(),
-               prompt_masking: str = "per_item") -> dict[str, torch.Tensor]:
+               prompt_masking: str = "per_item", vocoder_window: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
     """The audio term of NFY for one batch -> {"loss_text", "loss_mel", "spectrogram_mse", "total"} (scalars;
-    the first three unweighted, "total" weighted). `xtts` is an XttsModel (its `gpt` and `hifigan_decoder`)."""
+    the first three unweighted, "total" weighted). `xtts` is an XttsModel (its `gpt` and `hifigan_decoder`).
+
+    vocoder_window: voice only a random window of that many codes per clip (drawn with `generator`), as HiFi-GAN
+    training crops segments. The vocoder's saved activations grow with the audio: the full-size HiFi-GAN keeps about
+    410 MB per second of audio in float32 for the backward pass (measured), 5 GB for a 12 s clip, so a window
+    (e.g. 64 codes, 3 s) bounds the memory of a batch. None: whole clips."""
     gpt, cfg = xtts.gpt, xtts.gpt.cfg
     if (batch.cond_latents is None) == (batch.cond_mels is None):
         raise NarrateInputError("batch", "give exactly one of cond_latents (e.g. the entangler's) or cond_mels")
+    if vocoder_window is not None and vocoder_window < 1:
+        raise NarrateInputError("vocoder_window", f"must be a positive number of codes, got {vocoder_window}")
     cond = batch.cond_latents if batch.cond_latents is not None else cond_latents_from_mels(gpt, batch.cond_mels)
     out = forward_train(gpt, batch.text_ids, batch.text_lengths, batch.audio_codes, batch.wav_lengths, cond,
                         batch.cond_idxs, prompt_masking)
@@ -96,12 +126,15 @@ def audio_loss(xtts, batch: AudioBatch, weights: AudioLossWeights = AudioLossWei
         if batch.target_wav.dim() != 2 or b != out.latents.shape[0]:
             raise NarrateInputError("target_wav", f"expected [B, samples] at {cfg.output_sample_rate} Hz for "
                                                   f"{out.latents.shape[0]} clips, got {tuple(batch.target_wav.shape)}")
+        ratio = cfg.output_sample_rate / cfg.input_sample_rate
+        target_lengths = torch.floor(batch.wav_lengths * ratio).long()
         # the codes of the longest clip; shorter clips' extra latents are stop positions, outside their frames
-        latents = out.latents[:, :int(out.code_lengths.max())]
-        speaker = batch.speaker_embedding
-        wav = xtts.hifigan_decoder(latents, speaker.to(latents.dtype)).reshape(b, -1)
-        target_lengths = torch.floor(batch.wav_lengths * (cfg.output_sample_rate / cfg.input_sample_rate)).long()
-        losses["spectrogram_mse"] = spectrogram_mse(wav, batch.target_wav, target_lengths, cfg.output_sample_rate)
+        latents, target = out.latents[:, :int(out.code_lengths.max())], batch.target_wav
+        if vocoder_window is not None and vocoder_window < latents.shape[1]:
+            latents, target, target_lengths = code_windows(latents, out.code_lengths, target, target_lengths,
+                                                           vocoder_window, cfg.gpt_code_stride_len * ratio, generator)
+        wav = xtts.hifigan_decoder(latents, batch.speaker_embedding.to(latents.dtype)).reshape(b, -1)
+        losses["spectrogram_mse"] = spectrogram_mse(wav, target, target_lengths, cfg.output_sample_rate)
         total = total + weights.spectrogram * losses["spectrogram_mse"]
     losses["total"] = total
     return losses
