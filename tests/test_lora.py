@@ -91,7 +91,7 @@ def test_adapters_work_under_gradient_checkpointing():
 
 
 def test_saved_adapters_load_onto_a_fresh_model(trained, tmp_path):
-    gpt, lora, _ = trained
+    _, lora, _ = trained
     path = tmp_path / "gpt_lora.safetensors"
     save_lora(lora, str(path))
     with safe_open(str(path), framework="pt") as f:

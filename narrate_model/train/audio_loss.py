@@ -6,7 +6,9 @@
   (`xtts.gpt_train.forward_train`, parity with coqui-tts 0.28.0); GPTTrainer's weights 0.01 / 1.0 are the defaults.
 * The spectrogram term voices the GPT latents of the same pass (latent i is the state that predicts code i, what the
   vocoder receives at inference) with the speaker embedding through XTTS's HiFi-GAN, and compares log-mels with the
-  target speech at the vocoder's 24 kHz, over each clip's own frames.
+  target speech at the vocoder's 24 kHz, over each clip's own frames. One GPT pass serves both terms, so these
+  latents carry GPTTrainer's attention mask (which hides each text's own stop token; inference shows it): a small
+  difference from inference latents, against a second full GPT pass per step.
   The mel is the pack's `MelSpectrogram` with XTTS's cloning-mel analysis (n_fft 2048, window 1024, hop 256,
   80 slaney-normalised HTK bands 0-8 kHz, log of the power clamped at 1e-5), taken at 24 kHz: it is the spectrogram
   XTTS itself reads a voice through (its conditioning encoder's input), it weighs the speech band where timbre and

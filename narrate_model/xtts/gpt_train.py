@@ -67,7 +67,7 @@ def cond_latents_from_mels(gpt: XttsGPT, cond_mels: torch.Tensor) -> torch.Tenso
     return style_embedding(gpt.conditioning_encoder, gpt.conditioning_perceiver, mels).transpose(1, 2)
 
 
-def _check(gpt: XttsGPT, text_ids, text_lengths, audio_codes, wav_lengths) -> None:
+def _check(text_ids, text_lengths, audio_codes, wav_lengths) -> None:
     b = text_ids.shape[0]
     if text_ids.dim() != 2 or audio_codes.dim() != 2 or audio_codes.shape[0] != b:
         raise NarrateInputError("batch", f"expected text ids [B,T] and codes [B,N] of one batch, got "
@@ -92,8 +92,9 @@ def frame_batch(gpt: XttsGPT, text_ids: torch.Tensor, text_lengths: torch.Tensor
     (upstream divides the caller's tensor in place)."""
     if prompt_masking not in PROMPT_MASKING:
         raise ValueError(f"prompt_masking must be one of {PROMPT_MASKING}, not {prompt_masking!r}")
-    _check(gpt, text_ids, text_lengths, audio_codes, wav_lengths)
-    cfg = gpt.cfg
+    _check(text_ids, text_lengths, audio_codes, wav_lengths)
+    cfg, device = gpt.cfg, audio_codes.device
+    text_lengths, wav_lengths = text_lengths.to(device), wav_lengths.to(device)
     stride = cfg.gpt_code_stride_len
     code_lengths = torch.ceil(wav_lengths / stride).long()  # real codes; upstream's `code_lengths` is this + 3
     framed_lengths = code_lengths + 3
@@ -102,7 +103,6 @@ def frame_batch(gpt: XttsGPT, text_ids: torch.Tensor, text_lengths: torch.Tensor
         raise NarrateInputError("batch", f"{max_mel - 3} codes / {max_text} text tokens per clip; the GPT holds at "
                                          f"most {cfg.max_mel_tokens - 5} codes and {cfg.max_text_tokens - 2} "
                                          "text tokens: cut the clips shorter")
-    device = audio_codes.device
     positions_m = torch.arange(max_mel + 2, device=device)[None]
     positions_t = torch.arange(max_text + 2, device=device)[None]
 
@@ -116,12 +116,12 @@ def frame_batch(gpt: XttsGPT, text_ids: torch.Tensor, text_lengths: torch.Tensor
 
     # positions from each length on hold the stop token, whatever the collate padded with (upstream pads with 0 =
     # stop, so its target at `len` is the stop token; this keeps that true for any padding)
-    text = text_ids[:, :max_text].masked_fill(positions_t[:, :max_text] >= text_lengths[:, None].to(device),
+    text = text_ids[:, :max_text].masked_fill(positions_t[:, :max_text] >= text_lengths[:, None],
                                               cfg.gpt_stop_text_token)
     text = F.pad(text, (0, 1), value=cfg.gpt_stop_text_token)
     text_inputs = F.pad(text, (1, 0), value=cfg.gpt_start_text_token)
     text_targets = F.pad(text, (0, 1), value=cfg.gpt_stop_text_token)
-    text_keys = positions_t <= text_lengths[:, None].to(device)
+    text_keys = positions_t <= text_lengths[:, None]
     text_targets = text_targets.masked_fill(~text_keys, IGNORE)
 
     if cond_idxs is not None:
