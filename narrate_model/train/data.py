@@ -54,6 +54,9 @@ VAE_BATCH = 8
 # while the file is unchanged. A missing transcript is looked for again (the user may have added one).
 FINAL_REASONS = ("no_face", "no_audio_stream", "too_short", "too_quiet", "unreadable")
 
+# What a malformed file can raise past the checks (odd streams, decoder corner cases, broken media); any of these
+# marks the one file unreadable instead of stopping the run.
+DECODE_ERRORS = (av.error.FFmpegError, OSError, ValueError, RuntimeError, IndexError, EOFError)
 VaeMoments = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # IMAGE [N,H,W,3] -> (mean, std) unscaled
 
 
@@ -74,6 +77,9 @@ class PrepareSettings:
     language: str = "en"
 
     def check(self) -> None:
+        from ..xtts.text import char_limit
+
+        char_limit(self.language)  # raises NarrateInputError("language", ...) for a language XTTS-v2 lacks
         if self.size < 64 or self.size % 64:
             raise NarrateInputError("size", f"{self.size} is not a multiple of 64 (>= 64); use 512 as Hallo trains")
         if not 0.5 <= self.voice_seconds <= 30:
@@ -329,6 +335,7 @@ def prepare_clip(path: Path, transcript: Optional[Transcript], models: PrepareMo
     text, covers = transcript.for_span(frames / FPS)
     if not text.strip():
         raise Skip("transcript_missing", f"no transcript cue falls in the target's first {frames / FPS:.2f} s")
+    text_ids = models.tokenizer.encode(text, settings.language)
 
     portrait_index, face = _first_face(path, math.floor(clip_s * FPS), models)
     size = settings.size
@@ -345,7 +352,6 @@ def prepare_clip(path: Path, transcript: Optional[Transcript], models: PrepareMo
                                  chunk_s=settings.voice_seconds, max_ref_s=settings.voice_seconds)
     voice_22k = resample(voice, rate, DVAE_RATE).clamp(-1, 1)
     cond_mel = cloning_mel(voice_22k[None].to(models.xtts.mel_stats.device), models.xtts.mel_stats)[0]
-    text_ids = models.tokenizer.encode(text, settings.language)
 
     tensors = {
         "latents_mean": latents_mean, "latents_std": latents_std,
@@ -496,7 +502,9 @@ def prepare(inputs: Iterable[Union[str, Path]], out: Union[str, Path], models: P
                                                         "text_tokens", "text_covers", "portrait_frame")}}
                 report_.accepted.append(sid)
                 log(f"{video.name}: accepted as {sid} ({meta['frames']} frames, {meta['codes']} codes)")
-            except Skip as skip:
+            except (Skip, *DECODE_ERRORS) as error:
+                skip = error if isinstance(error, Skip) else \
+                    Skip("unreadable", f"{type(error).__name__} while reading it: {str(error)[:200]}")
                 rows[source] = {"source": source, "status": "skipped", "reason": skip.reason,
                                 "detail": skip.detail, "stamp": _stamp(video)}
                 report_.skipped[source] = skip.reason
