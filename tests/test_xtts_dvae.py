@@ -116,6 +116,10 @@ def test_mel_stats_from_its_own_file_or_the_xtts_checkpoint(tmp_path, io):
     assert torch.equal(load_mel_stats(tmp_path / "mel_stats.pth"), io["mel_norms"])
     # model.pth carries the same vector as `mel_stats`; the fixtures' small model made io_training's norms
     assert torch.equal(load_mel_stats(XTTS / "small_model.safetensors"), io["mel_norms"])
+    # a coqui-trainer model.pth ({"model": {"xtts.*": ...}, "config": <pickled object>}) is read weights-only too
+    from small_checkpoints import write_xtts
+    name = write_xtts(tmp_path)
+    assert torch.equal(load_mel_stats(tmp_path / "narrate" / "xtts" / name / "model.pth"), io["mel_norms"])
     torch.save(torch.zeros(79), tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="80-band"):
         load_mel_stats(tmp_path / "bad.pth")

@@ -15,6 +15,17 @@ the XTTS conditioning mel of the voice segment plus its frozen conditioning late
 region masks and face-locator image, and the BPE text ids. `dataset.json` records the settings and the SHA-256 of
 every base checkpoint used; training refuses a dataset made with other checkpoints (`check_base_checkpoints`).
 
+`load_sample(dataset, id)` returns (F target frames, S = settings.size, h = S/8; float32 unless noted):
+  latents_mean, latents_std [F,4,h,h] and portrait_latent_mean/_std [1,4,h,h]   unscaled VAE moments
+  audio_windows [F,5,layers,C]          wav2vec2 windows (Hallo's audioproj input)
+  target_wav_24k [F*960]                target speech (the HiFi-GAN spectrogram loss)
+  dvae_codes int64 [N]                  GPT audio targets, N = ceil(target samples at 22.05 kHz / 1024)
+  cond_mel [80,T] (cloning mel of the voice), gpt_cond_latent [32,C_gpt], speaker_embedding [512]
+  text_ids int64 [n]                    tokenizer.encode(text, language), no start/stop ids
+  face_region [1,S,S] (face-locator image, one channel of three equal ones), identity [512], landmarks [478,2]
+  mask_{full,face,lip}_{0..3} [1, (S/8/2^i)^2]   Hallo's region masks at the four UNet levels
+  meta: text, text_covers ("target" | "clip"), target / voice spans in s, frames, crop, source, ...
+
 A bad file never stops the run: it gets a manifest row with a reason from SKIP_REASONS. A rerun skips finished
 clips (each shard is written to a temporary name and renamed, so a shard that exists is complete) and unchanged
 files rejected for a reason a rerun cannot change.

@@ -123,7 +123,8 @@ def load_models(args):
     xtts, _ = load_xtts(xtts_dir, device=device)
     models = PrepareModels(
         xtts=xtts, tokenizer=XttsTokenizer(files["xtts_vocab"]), dvae=load_dvae(files["dvae"], device),
-        mel_norms=load_mel_stats(files.get("mel_stats", files["xtts"])),
+        # mel_stats.pth is the same 80-vector model.pth carries: without the file, take the loaded model's
+        mel_norms=load_mel_stats(files["mel_stats"]) if "mel_stats" in files else xtts.mel_stats.detach().cpu(),
         vae_moments=load_vae_moments(files["vae"], device),
         wav2vec=load_wav2vec(files["wav2vec2"].parent).to(device),
         landmarker=str(files["landmarker"]),

@@ -222,9 +222,8 @@ def load_mel_stats(path: Union[str, Path]) -> torch.Tensor:
     else:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - anything weights_only refuses is not a norms file
-            raise CheckpointError(f"{path.name} could not be read as a weights-only file ({type(exc).__name__})") \
-                from exc
+        except Exception:  # noqa: BLE001 - e.g. model.pth with its pickled training config: the pack's reader
+            obj = read_checkpoint(path)[0]  # loads such classes as inert stand-ins (or raises CheckpointError)
     if isinstance(obj, dict):
         obj = obj.get("model", obj)
         obj = obj.get("mel_stats", obj.get("xtts.mel_stats", next(iter(obj.values())) if len(obj) == 1 else None))
