@@ -69,7 +69,8 @@ def _model_args(tmp):
     shutil.copy(XTTS / "small_model.safetensors", xtts / "model.safetensors")
     shutil.copy(XTTS / "bpe_vocab.json", xtts / "vocab.json")
     shutil.copy(HALLO / "tiny_vae.safetensors", tmp / "vae.safetensors")
-    (tmp / "vae.json").write_text(json.dumps(json.loads((HALLO / "tiny_config.json").read_text())["tiny_vae"]["config"]))
+    vae_config = json.loads((HALLO / "tiny_config.json").read_text())["tiny_vae"]["config"]
+    (tmp / "vae.json").write_text(json.dumps(vae_config))
     wav2vec = write_wav2vec_folder(tmp / "wav2vec2")
     landmarker = recorded_path("NFY_FACE_LANDMARKER")
     assert landmarker, "run tests/install.sh: it fetches MediaPipe's face_landmarker.task"

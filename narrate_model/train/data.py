@@ -5,7 +5,9 @@ Each clip becomes one sample, as in NFY:
 * the *target* is the clip from its start (capped by `max_seconds`): speech at 24 kHz, frames at 25 fps through
   Hallo's crop (a square around the portrait's face) at the training size;
 * the *voice profile* is the last `voice_seconds` of the same clip's audio, after the target, never overlapping it;
-* the *portrait* is the first frame with a face; its face / lip masks and identity are the sample's face side;
+* the *portrait* is the first frame with a face; its face / lip masks and identity are the sample's face side
+  (the masks are the portrait's, as the pack computes them at inference; Hallo's own data preprocessing instead
+  unions the face / lip boxes over every frame of a clip);
 * the *text* is the transcript (`NAME.srt` cues that fall in the target, or an untimed `NAME.txt` / samples.json text,
   which describes the whole clip: the manifest says which, `text_covers`).
 
@@ -38,7 +40,6 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -196,7 +197,7 @@ def parse_srt(text: str) -> list[tuple[float, float, str]]:
                 h1, m1, s1, f1, h2, m2, s2, f2 = match.groups()
                 start = int(h1) * 3600 + int(m1) * 60 + int(s1) + int(f1) / 10 ** len(f1)
                 end = int(h2) * 3600 + int(m2) * 60 + int(s2) + int(f2) / 10 ** len(f2)
-                words = " ".join(l.strip() for l in lines[i + 1:] if l.strip())
+                words = " ".join(part.strip() for part in lines[i + 1:] if part.strip())
                 words = re.sub(r"<[^>]+>", "", words)  # styling tags
                 if words:
                     cues.append((start, end, words))
