@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import narrate_cli
+from .train import prepare_cli
 from .fetch import DownloadError, fetch
 from .weights import PACK_DIR, BUNDLES, LICENCES, convert_to_safetensors, licence_notice, local_path, resolve, status
 
@@ -100,6 +101,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("narrate", help="portrait + voice + text -> .mp4, through a ComfyUI server")
     narrate_cli.add_arguments(p)
     p.set_defaults(run=narrate_cli.run)
+
+    p = sub.add_parser("prepare", help="talking-head videos -> a cached training set (manifest + shards)")
+    prepare_cli.add_arguments(p, DEFAULT_MODELS)
+    p.set_defaults(run=prepare_cli.run)
 
     args = parser.parse_args(argv)
     try:

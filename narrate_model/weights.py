@@ -112,6 +112,13 @@ REGISTRY: tuple[WeightFile, ...] = (
     _hub("xtts-v2", "speakers_xtts.pth", "XTTS-v2 built-in speaker latents", _XTTS_DIR + "speakers_xtts.pth",
          "CPML-1.0", "coqui/XTTS-v2", _XTTS_REV, "speakers_xtts.pth",
          "f0f6137c19a4eab0cbbe4c99b5babacf68b1746e50da90807708c10e645b943b", 7754818, required=False),
+    # Training-only files of the same XTTS-v2 revision (GPTTrainer's DVAE and its mel norms; dvae.pth ~211 MB and
+    # mel_stats.pth ~1 KB by third-party listings). No public SHA-256 was found for either, so they are listed so the
+    # training code can say where they go, never downloaded (as net.pth below).
+    _hub("xtts-v2-training", "dvae.pth", "XTTS-v2 discrete VAE (speech -> GPT training codes)",
+         _XTTS_DIR + "dvae.pth", "CPML-1.0", "coqui/XTTS-v2", _XTTS_REV, "dvae.pth", None, None),
+    _hub("xtts-v2-training", "mel_stats.pth", "XTTS-v2 mel norms of the DVAE", _XTTS_DIR + "mel_stats.pth",
+         "CPML-1.0", "coqui/XTTS-v2", _XTTS_REV, "mel_stats.pth", None, None),
     # No public record of net.pth's SHA-256 was found (the hub page lists it only by name); one third-party list
     # gives 4,753,529,893 bytes, unconfirmed. It is listed so the loaders can say where it goes, never downloaded.
     _hub("hallo", "net.pth", "Hallo denoising UNet, ReferenceNet, face locator, image and audio projections",
