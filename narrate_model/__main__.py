@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import narrate_cli
 from .fetch import DownloadError, fetch
+from .train import cli as train_cli
 from .weights import PACK_DIR, BUNDLES, LICENCES, convert_to_safetensors, licence_notice, local_path, resolve, status
 
 
@@ -100,6 +101,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("narrate", help="portrait + voice + text -> .mp4, through a ComfyUI server")
     narrate_cli.add_arguments(p)
     p.set_defaults(run=narrate_cli.run)
+
+    p = sub.add_parser("train", help="fine-tune the entangler (NFY's joint training) on a prepared dataset")
+    train_cli.add_arguments(p)
+    p.add_argument("--models-dir", **models)
+    p.set_defaults(run=train_cli.run)
 
     args = parser.parse_args(argv)
     try:
