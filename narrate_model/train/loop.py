@@ -285,24 +285,23 @@ class _Run:
                 break
             self.acc.backward(losses["total"])
             total = values if total is None else total + values
-        params = list(self.params.values())
+        note = ""
         if reason is None:
+            params = list(self.params.values())
             _average_gradients(self.acc, params)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-            if not math.isfinite(float(norm)):
-                reason = f"non-finite gradient norm ({float(norm)})"
-        if reason is None:
-            if self.scaler is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+            if self.scaler is not None:  # fp16: the scaler itself skips a step that overflowed and lowers its scale
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-            else:
+                note = "" if math.isfinite(norm) else "fp16 gradient overflow: step skipped, loss scale lowered"
+            elif math.isfinite(norm):
                 self.optimizer.step()
-            self.scheduler.step()
-        elif self.scaler is not None and reason.startswith("non-finite gradient"):
-            self.scaler.step(self.optimizer)  # fp16 overflow: the scaler skips the step and lowers its scale
-            self.scaler.update()
+            else:
+                reason = f"non-finite gradient norm ({norm})"
+            if math.isfinite(norm):
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.position += cfg.batch_size
@@ -310,7 +309,7 @@ class _Run:
         if reason is None:
             mean = self.acc.reduce(total / len(mine), "mean").tolist()
             self.last_train = dict(zip(self.names, mean))
-            self._log("train", self.last_train, lr)
+            self._log("train", self.last_train, lr, note)
         else:
             log.warning("step %d skipped: %s (%d in a row, the run stops at %d)", self.state.step, reason,
                         self.state.nan_streak, cfg.max_nan_steps)
