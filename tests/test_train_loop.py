@@ -317,6 +317,19 @@ def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     resumed, _ = run(config, tmp_path / "run", resume=True)  # and the run goes on from it
     assert resumed.steps == 4
 
+    # the final outputs too: a full disk while writing the entangler leaves no half file, and a resume rewrites it
+    (tmp_path / "run" / "entangler.safetensors").unlink()
+
+    def full_disk(model, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(loop, "save_entangler", full_disk)
+    with pytest.raises(TrainingError, match="could not write the run's outputs .* step-0000004 is saved"):
+        run(config, tmp_path / "run", resume=True)
+    monkeypatch.undo()
+    assert not list((tmp_path / "run").glob("entangler.safetensors*"))
+    assert run(config, tmp_path / "run", resume=True)[0].entangler.exists()
+
 
 def test_killed_while_saving_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     config = replace(BASE, max_steps=4, save_every=2, val_every=0)

@@ -447,7 +447,13 @@ def train(config: TrainConfig, objective: Callable[[object], Mapping[str, Tensor
     path = run.save() if run.last_saved != run.state.step else checkpoint.latest(run.run_dir)
     entangler = card = None
     if run.main:
-        entangler, card = run.write_outputs(cancelled, base_checkpoints or {})
+        try:
+            entangler, card = run.write_outputs(cancelled, base_checkpoints or {})
+        except OSError as exc:  # e.g. a full disk: each output is a temporary file until complete; drop those
+            for tmp in run.run_dir.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+            raise TrainingError(f"could not write the run's outputs in {run.run_dir}: {exc}; the checkpoint "
+                                f"{path.name} is saved, and `train --resume {run.run_dir}` writes them again") from exc
     run.acc.wait_for_everyone()
     return TrainResult(run.run_dir, run.state.step, cancelled, run.last_train, run.last_val, path, entangler,
                        card or run.run_dir / CARD_FILE)
