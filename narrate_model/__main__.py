@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from . import narrate_cli
-from .train import prepare_cli
 from .fetch import DownloadError, fetch
+from .train import cli as train_cli, prepare_cli
 from .weights import PACK_DIR, BUNDLES, LICENCES, convert_to_safetensors, licence_notice, local_path, resolve, status
 
 
@@ -105,6 +105,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare", help="talking-head videos -> a cached training set (manifest + shards)")
     prepare_cli.add_arguments(p, DEFAULT_MODELS)
     p.set_defaults(run=prepare_cli.run)
+
+    p = sub.add_parser("train", help="fine-tune the entangler (NFY's joint training) on a prepared dataset")
+    train_cli.add_arguments(p)
+    p.add_argument("--models-dir", **models)
+    p.set_defaults(run=train_cli.run)
 
     args = parser.parse_args(argv)
     try:

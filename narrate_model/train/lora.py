@@ -1,157 +1,149 @@
-"""LoRA adapters for linear layers (torch `nn.Linear` and GPT-2's `Conv1D`), e.g. the XTTS GPT's attention and MLP
-projections: y = W x + b + (alpha / rank) * B A x, with W frozen and only A [rank, in], B [out, rank] trained.
+"""LoRA adapters (Hu et al. 2021) for ``nn.Linear`` and GPT-2 ``Conv1D`` layers, saved apart from the base weights.
 
-The adapters hook onto the layers (forward hooks) instead of wrapping them, so the model's own state-dict keys and
-checkpoint files are untouched; the adapters are saved on their own (`save_lora`, safetensors with the config in the
-metadata) and applied to a freshly loaded model with `load_lora`. `merge()` folds B A into the base weights for
-inference without the extra matmuls, `unmerge()` takes it out again (exact up to float rounding).
-B starts at zero, so a new adapter leaves the model's output unchanged until it is trained.
+``add_lora`` wraps every layer whose qualified name matches a pattern: the wrapper keeps the frozen base layer and adds
+``scale * B(A(x))`` with ``A`` [r, in] (Kaiming init) and ``B`` [out, r] (zeros), so a fresh adapter changes nothing
+and its first step already trains. ``merge`` folds ``scale * B @ A`` into the base weight (no inference cost),
+``unmerge`` takes it out again. ``save_adapters`` writes only the adapter matrices (``<layer>.lora_A`` /
+``<layer>.lora_B``, rank / alpha / targets in the metadata): a user's base checkpoint is never rewritten.
+``apply_adapters`` wraps the same layers of a freshly loaded model, loads the file and (by default) merges and
+unwraps, so the model's keys and speed are exactly those of the base model afterwards.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
-from typing import Iterable
+import os
+from fnmatch import fnmatch
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..xtts.gpt import Conv1D
 
 METADATA_KEY = "nfy_lora"
-GPT_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # XTTS GPT blocks' linear layers
 
 
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple = GPT_PROJECTIONS  # a layer is adapted when its module path ends with one of these
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+def _is_conv1d(layer: nn.Module) -> bool:
+    """GPT-2's Conv1D (ours in xtts/gpt.py, or transformers'): a linear layer whose weight is stored [in, out]."""
+    return type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None \
+        and layer.weight.dim() == 2
 
 
-def _in_out(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]  # GPT-2 layout [in, out]
-    raise TypeError(f"LoRA adapts nn.Linear or Conv1D layers, not {type(layer).__name__}")
+def adaptable(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or _is_conv1d(layer)
 
 
-class LoraAdapter(nn.Module):
-    def __init__(self, layer: nn.Module, rank: int, alpha: float):
+class LoRA(nn.Module):
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
-        n_in, n_out = _in_out(layer)
-        like = layer.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, n_in, device=like.device, dtype=like.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(n_out, rank, device=like.device, dtype=like.dtype))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear's init (and the LoRA paper's A)
-        self.scale = alpha / rank
-        self.transposed = isinstance(layer, Conv1D)
+        if not adaptable(base):
+            raise TypeError(f"LoRA wraps nn.Linear or GPT-2 Conv1D layers, not {type(base).__name__}")
+        self.base, self.conv1d = base, _is_conv1d(base)
+        n_in, n_out = base.weight.shape[::-1] if not self.conv1d else base.weight.shape
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, n_in, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's weight
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.merged = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.lora_a.T) @ self.lora_b.T * self.scale
+    def delta(self) -> Tensor:
+        """The adapter's change of the base weight, in the base weight's layout."""
+        d = (self.lora_B @ self.lora_A) * self.scale  # [out, in]
+        return d.T if self.conv1d else d
 
-    def delta(self) -> torch.Tensor:
-        """B A scaled, in the base weight's layout."""
-        d = self.lora_b @ self.lora_a * self.scale  # [out, in]
-        return d.T if self.transposed else d
-
-
-class Lora(nn.Module):
-    """The adapters of one model, keyed by layer path; `parameters()` are what the optimiser trains."""
-
-    def __init__(self, model: nn.Module, config: LoraConfig = LoraConfig()):
-        super().__init__()
-        self.config = config
-        self.paths = [name for name, m in model.named_modules()
-                      if name.endswith(config.targets) and isinstance(m, (nn.Linear, Conv1D))]
-        if not self.paths:
-            raise ValueError(f"no nn.Linear / Conv1D layer of the model ends with any of {config.targets}")
-        layers = dict(model.named_modules())
-        self.layers = [layers[p] for p in self.paths]  # plain list: not sub-modules of the adapter set
-        self.adapters = nn.ModuleList(LoraAdapter(layer, config.rank, config.alpha) for layer in self.layers)
-        self._hooks = [layer.register_forward_hook(self._hook(adapter))
-                       for layer, adapter in zip(self.layers, self.adapters)]
-
-    @staticmethod
-    def _hook(adapter: LoraAdapter):
-        def add_adapter(module, inputs, output):
-            return output if adapter.merged else output + adapter(inputs[0])
-        return add_adapter
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B).to(y.dtype) * self.scale
 
     @torch.no_grad()
     def merge(self) -> None:
-        for layer, adapter in zip(self.layers, self.adapters):
-            if not adapter.merged:
-                layer.weight.add_(adapter.delta().to(layer.weight.dtype))
-                adapter.merged = True
+        if not self.merged:
+            self.base.weight += self.delta().to(self.base.weight.dtype)
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        for layer, adapter in zip(self.layers, self.adapters):
-            if adapter.merged:
-                layer.weight.sub_(adapter.delta().to(layer.weight.dtype))
-                adapter.merged = False
-
-    def remove(self) -> None:
-        """Detach the adapters from the model (unmerges first, so the base weights are as loaded)."""
-        self.unmerge()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """File layout: `<layer path>.lora_a` / `.lora_b`."""
-        out = {}
-        for path, adapter in zip(self.paths, self.adapters):
-            out[f"{path}.lora_a"] = adapter.lora_a.detach().contiguous().cpu()
-            out[f"{path}.lora_b"] = adapter.lora_b.detach().contiguous().cpu()
-        return out
+        if self.merged:
+            self.base.weight -= self.delta().to(self.base.weight.dtype)
+            self.merged = False
 
 
-def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> Lora:
-    """Attach fresh adapters (B = 0: the model's output is unchanged) to the model's target layers."""
-    return Lora(model, config)
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def save_lora(lora: Lora, path: str, extra_metadata: dict | None = None) -> None:
-    metadata = {METADATA_KEY: json.dumps(asdict(lora.config))} | {k: str(v) for k, v in (extra_metadata or {}).items()}
-    save_file(lora.tensors(), path, metadata=metadata)
+def add_lora(root: nn.Module, patterns, rank: int, alpha: float) -> list[str]:
+    """Wrap the Linear / Conv1D layers whose qualified names match any pattern; returns their names.
+
+    The wrappers' base layers are frozen; only ``lora_A`` / ``lora_B`` train."""
+    names = [n for n, m in root.named_modules() if adaptable(m) and any(fnmatch(n, p) for p in patterns)]
+    if not names:
+        layers = [n for n, m in root.named_modules() if adaptable(m)][:8]
+        raise ValueError(f"no Linear / Conv1D layer matches the LoRA patterns {list(patterns)} (layer names look "
+                         f"like {layers})")
+    for name in names:
+        layer = LoRA(root.get_submodule(name), rank, alpha)
+        layer.base.requires_grad_(False)
+        _replace(root, name, layer)
+    return names
 
 
-def load_lora(model: nn.Module, path: str) -> Lora:
-    """Attach the adapters saved in `path` to `model` (a freshly loaded base model of the same architecture)."""
-    with safe_open(path, framework="pt") as f:
-        meta = (f.metadata() or {}).get(METADATA_KEY)
-        if meta is None:
+def adapters(root: nn.Module) -> dict[str, LoRA]:
+    """The LoRA wrappers of a model, by the name of the layer they wrap."""
+    return {n: m for n, m in root.named_modules() if isinstance(m, LoRA)}
+
+
+def save_adapters(root: nn.Module, path: str | os.PathLike) -> Path:
+    """Write only the adapter matrices (atomically: a temporary file renamed into place)."""
+    found = adapters(root)
+    if not found:
+        raise ValueError("the model has no LoRA adapters to save")
+    ranks = {(m.rank, m.alpha) for m in found.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapters of different rank / alpha {sorted(ranks)} cannot share one file")
+    (rank, alpha), = ranks
+    state = {f"{n}.{k}": getattr(m, k).detach().contiguous().cpu() for n, m in found.items()
+             for k in ("lora_A", "lora_B")}
+    meta = {"rank": rank, "alpha": alpha, "targets": list(found)}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def apply_adapters(root: nn.Module, path: str | os.PathLike, merge: bool = True) -> list[str]:
+    """Apply a file written by ``save_adapters`` to a freshly loaded base model; with ``merge`` the adapters are
+    folded into the base weights and the wrappers removed (the model keeps its base keys and speed)."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+        if raw is None:
             raise CheckpointError(f"{path} is not an NFY LoRA file (no '{METADATA_KEY}' metadata)")
         state = {k: f.get_tensor(k) for k in f.keys()}
-    raw = json.loads(meta)
-    config = LoraConfig(rank=raw["rank"], alpha=raw["alpha"], targets=tuple(raw["targets"]))
-    lora = Lora(model, config)
-    expected = lora.tensors()
-    wrong = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state
-                                                  and expected[k].shape != state[k].shape]
-    if wrong:
-        lora.remove()
-        raise CheckpointError(f"{path} does not fit this model (rank {config.rank}): mismatched adapters "
-                              f"{_few(wrong)}; load it onto the base model it was trained on")
-    with torch.no_grad():
-        for p, adapter in zip(lora.paths, lora.adapters):
-            adapter.lora_a.copy_(state[f"{p}.lora_a"])
-            adapter.lora_b.copy_(state[f"{p}.lora_b"])
-    return lora
-
-
-def _few(names: Iterable[str], n: int = 4) -> str:
-    names = list(names)
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+    meta = json.loads(raw)
+    modules = dict(root.named_modules())
+    missing = [t for t in meta["targets"] if not adaptable(modules.get(t, nn.Identity()))]
+    if missing:
+        raise CheckpointError(f"{path}: the model has no Linear / Conv1D layer {missing[:4]}; these adapters were "
+                              "trained for another model")
+    for name in meta["targets"]:
+        layer = LoRA(modules[name], meta["rank"], meta["alpha"])
+        for key in ("lora_A", "lora_B"):
+            value = state[f"{name}.{key}"]
+            if value.shape != getattr(layer, key).shape:
+                raise CheckpointError(f"{path}: {name}.{key} is {tuple(value.shape)}, the model's layer needs "
+                                      f"{tuple(getattr(layer, key).shape)}")
+            getattr(layer, key).data.copy_(value)
+        if merge:
+            layer.merge()
+            layer = layer.base
+        _replace(root, name, layer)
+    return list(meta["targets"])
