@@ -86,6 +86,16 @@ class MetricReport:
         return self
 
 
+def weights_help(key: str) -> str:
+    """Which registry file a metric needs and how to get it (narrate_model.weights)."""
+    from ..weights import resolve
+
+    entry = resolve(key)[0]
+    how = (f"fetch it with python -m narrate_model download {entry.bundle}" if entry.sha256 else
+           f"it has no published checksum, so download {entry.public_url()} by hand")
+    return f"it needs {entry.title} at <ComfyUI models>/{entry.dest}: {how}"
+
+
 class MetricSkipped(Exception):
     """A metric cannot be computed for this sample (missing model, silent input, ...): the message becomes a note."""
 

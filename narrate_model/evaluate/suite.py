@@ -151,8 +151,13 @@ def evaluate_sync(frames: torch.Tensor, audio: Audio, fps: float,
     if speech.is_silent(wav):
         report.notes.append("lse_c/lse_d/lipsync_proxy_corr skipped: the audio is silent (below -60 dBFS)")
         return report
-    run_metric(report, ("lse_d", "lse_c"), lambda: syncnet.lse(video, wav, sr, fps, _need(
-        models.syncnet, "SyncNet weights", syncnet.SYNCNET_HELP), models.device))
+    def lse():
+        result = syncnet.lse(video, wav, sr, fps, _need(models.syncnet, "SyncNet weights", syncnet.SYNCNET_HELP),
+                             models.device)
+        report.extra["syncnet_offset_frames"] = result["syncnet_offset_frames"]
+        report.extra["syncnet_curve"] = result["syncnet_curve"]
+        return {"lse_d": result["lse_d"], "lse_c": result["lse_c"]}
+    run_metric(report, ("lse_d", "lse_c"), lse)
 
     def proxy():
         path = _need(models.landmarker, "MediaPipe face landmarker",
