@@ -287,7 +287,8 @@ def _whisper(model_dir: str, device: str):
 
 
 def transcribe(wav: np.ndarray, sr: int, model_dir: str, language: str = "en", device: str = "cpu") -> str:
-    """Whisper transcript (beam search of 5) through faster-whisper, without previous-text conditioning."""
+    """Whisper transcript through faster-whisper: greedy decoding (openai-whisper's transcribe() default),
+    no conditioning on previous text."""
     try:
         import faster_whisper  # noqa: F401
     except ImportError as error:
@@ -298,7 +299,7 @@ def transcribe(wav: np.ndarray, sr: int, model_dir: str, language: str = "en", d
     model = _whisper(str(model_dir), "cuda" if str(device).startswith("cuda") else "cpu")
     lang = None if model.model.is_multilingual is False else language
     audio = resample_np(wav, sr, WHISPER_SR).astype(np.float32)
-    segments, _ = model.transcribe(audio, language=lang, beam_size=5, condition_on_previous_text=False)
+    segments, _ = model.transcribe(audio, language=lang, beam_size=1, condition_on_previous_text=False)
     return " ".join(segment.text.strip() for segment in segments)
 
 
