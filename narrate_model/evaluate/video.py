@@ -308,9 +308,14 @@ class LPIPSAlex(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from torchvision.models import alexnet
-
-        self.features = alexnet(weights=None).features
+        nn = torch.nn
+        # torchvision's AlexNet `features` (convolutions at 0, 3, 6, 8, 10) up to relu5, LPIPS's last tap
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True))
         for k, channels in enumerate(LPIPS_CHANNELS):
             self.add_module(f"lin{k}", _LPIPSHead(channels))
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
