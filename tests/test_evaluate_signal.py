@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from evaluate_media import media_frames, need
+
 from narrate_model.evaluate import evaluate_video
 from narrate_model.evaluate import signal as sig
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from evaluate_media import media_audio, need, with_noise
+
 from narrate_model.evaluate import evaluate_speech, speech
 from narrate_model.evaluate.dtw import dtw_path
 

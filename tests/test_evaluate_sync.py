@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from evaluate_media import media_audio, media_frames, need
-from narrate_model.evaluate import MetricModels, evaluate_sync
-from narrate_model.evaluate import sync
+
+from narrate_model.evaluate import MetricModels, evaluate_sync, sync
 
 CLIPS = ("man", "Woman")
 
@@ -26,7 +25,7 @@ def openings(face_landmarker_task) -> dict:
 
 def shifted(wav: np.ndarray, sr: int, frames: int, fps: float = 25.0) -> np.ndarray:
     """The audio delayed by `frames` video frames (positive: silence prepended, audio late) or advanced."""
-    n = int(round(abs(frames) * sr / fps))
+    n = round(abs(frames) * sr / fps)
     return np.concatenate([np.zeros(n), wav]) if frames > 0 else wav[n:]
 
 

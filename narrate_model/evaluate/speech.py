@@ -17,7 +17,7 @@ import torch
 
 from ..resample import resample
 from .base import MetricSkipped
-from .dtw import dtw_path, pairwise_distance
+from .dtw import dtw_path, pairwise_distance, warp_to_reference
 
 EPS = np.finfo(float).eps
 
@@ -92,7 +92,7 @@ def _drop_silent_frames(clean: np.ndarray, other: np.ndarray) -> tuple[np.ndarra
     return _overlap_add(xf[keep], hop), _overlap_add(yf[keep], hop)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _third_octave_matrix() -> np.ndarray:
     """[15, 257] 0/1 matrix summing FFT bins into one-third-octave bands, band edges snapped to the nearest bin."""
     freqs = np.linspace(0, STOI_FS, STOI_NFFT + 1)[:STOI_NFFT // 2 + 1]
@@ -174,9 +174,9 @@ MCD_SR, MCD_NFFT, MCD_HOP, MCD_MELS, MCD_ORDER = 16000, 512, 160, 80, 24
 MCD_K = 10 * math.sqrt(2) / math.log(10)  # (10 / ln 10) * sqrt(2 * sum d^2): Kubichek's dB scaling
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mel_dct() -> tuple[np.ndarray, np.ndarray]:
-    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731 - HTK mel scale
+    mel = lambda f: 2595 * np.log10(1 + f / 700)
     edges_mel = np.linspace(mel(0.0), mel(MCD_SR / 2), MCD_MELS + 2)
     edges = 700 * (10 ** (edges_mel / 2595) - 1)
     bins = np.linspace(0, MCD_SR / 2, MCD_NFFT // 2 + 1)
@@ -218,8 +218,6 @@ def mcd(generated: np.ndarray, reference: np.ndarray, sr: int) -> float:
 def align_to_reference(generated: np.ndarray, reference: np.ndarray, sr: int) -> np.ndarray:
     """`generated` re-timed by DTW on mel-cepstra onto the reference's length (for STOI / PESQ)."""
     gen16, ref16 = resample_np(generated, sr, MCD_SR), resample_np(reference, sr, MCD_SR)
-    from .dtw import warp_to_reference
-
     warped = warp_to_reference(gen16, mel_cepstra(gen16, MCD_SR)[:, 1:], mel_cepstra(ref16, MCD_SR)[:, 1:],
                                len(ref16), MCD_HOP)
     out = resample_np(warped, MCD_SR, sr)

@@ -79,7 +79,7 @@ def load_syncnet(path: str, device: str = "cpu") -> SyncNet:
     except RuntimeError as error:
         raise CheckpointError(f"{path} is not syncnet_python's syncnet_v2.model state dict: {str(error)[:500]}") \
             from error
-    except Exception as error:  # noqa: BLE001 - an unpickling refusal: a whole pickled model, not a state dict
+    except Exception as error:
         if isinstance(error, MetricSkipped):
             raise
         raise CheckpointError(f"{path} could not be read as a state dict with torch.load(weights_only=True): "
@@ -91,9 +91,9 @@ def load_syncnet(path: str, device: str = "cpu") -> SyncNet:
 MFCC_WIN, MFCC_STEP, MFCC_NFFT, MFCC_FILTERS, MFCC_CEPS, MFCC_LIFTER, MFCC_PREEMPH = 400, 160, 512, 26, 13, 22, 0.97
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mfcc_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mel = lambda hz: 2595 * np.log10(1 + hz / 700.0)  # noqa: E731
+    mel = lambda hz: 2595 * np.log10(1 + hz / 700.0)
     points = np.linspace(mel(0), mel(SYNCNET_SR / 2), MFCC_FILTERS + 2)
     bins = np.floor((MFCC_NFFT + 1) * (700 * (10 ** (points / 2595.0) - 1)) / SYNCNET_SR).astype(int)
     fbank = np.zeros((MFCC_FILTERS, MFCC_NFFT // 2 + 1))

@@ -7,8 +7,8 @@ code takes any network, which is how the tests exercise it with small stand-ins.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
