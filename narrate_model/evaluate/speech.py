@@ -168,9 +168,12 @@ def pesq(generated: np.ndarray, reference: np.ndarray, sr: int, band: str = "wb"
 
 # --- MCD with DTW ------------------------------------------------------------------------------------------------
 # Mel-cepstra: 16 kHz, 512-sample Hann frames every 160 samples (10 ms), power spectrum -> 80 HTK-mel triangular
-# bands (0-8 kHz) -> natural log -> orthonormal DCT-II; c0..c24 kept, c0 (the frame energy) excluded from the
-# distance, so MCD uses 24 coefficients.
+# bands (0-8 kHz) -> natural log of the amplitude -> cosine transform in SPTK's one-sided convention
+# (ln|X(w)| = c0 + sum_k c_k cos(k w) on the mel axis), so values are on the scale of the usual SPTK mel-cepstra;
+# c0..c24 kept, c0 (the frame level) excluded from the distance, so MCD uses 24 coefficients. Frames more than 40 dB below the signal's loudest frame are pauses and are
+# left out before the alignment (as STOI does): the log spectrum of near-silence is noise, and it would dominate.
 MCD_SR, MCD_NFFT, MCD_HOP, MCD_MELS, MCD_ORDER = 16000, 512, 160, 80, 24
+MCD_DYN_RANGE = 40.0
 MCD_K = 10 * math.sqrt(2) / math.log(10)  # (10 / ln 10) * sqrt(2 * sum d^2): Kubichek's dB scaling
 
 
@@ -183,20 +186,25 @@ def _mel_dct() -> tuple[np.ndarray, np.ndarray]:
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     fbank = np.maximum(0, np.minimum((bins - lo) / (mid - lo), (hi - bins) / (hi - mid)))
     n = np.arange(MCD_MELS)
-    dct = np.cos(np.pi * np.arange(MCD_ORDER + 1)[:, None] * (2 * n + 1) / (2 * MCD_MELS)) * math.sqrt(2 / MCD_MELS)
-    dct[0] /= math.sqrt(2)
+    dct = np.cos(np.pi * np.arange(MCD_ORDER + 1)[:, None] * (2 * n + 1) / (2 * MCD_MELS)) * (2 / MCD_MELS)
+    dct[0] /= 2  # c0 is the mean log amplitude
     return fbank, dct
 
 
-def mel_cepstra(wav: np.ndarray, sr: int) -> np.ndarray:
-    """[frames, 25] mel-cepstra c0..c24 of a waveform, frame k centred on sample k * 10 ms (see MCD_* above)."""
+def mel_cepstra(wav: np.ndarray, sr: int, drop_pauses: bool = False) -> np.ndarray:
+    """[frames, 25] mel-cepstra c0..c24 of a waveform, frame k centred on sample k * 10 ms (see MCD_* above);
+    with drop_pauses, only the frames within MCD_DYN_RANGE dB of the loudest one."""
     wav = resample_np(wav, sr, MCD_SR)
     padded = np.pad(wav, (MCD_NFFT // 2, MCD_NFFT // 2))
     starts = np.arange(len(wav) // MCD_HOP + 1) * MCD_HOP
     frames = padded[starts[:, None] + np.arange(MCD_NFFT)] * np.hanning(MCD_NFFT + 1)[:-1]
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
     fbank, dct = _mel_dct()
-    return np.log(np.maximum(power @ fbank.T, 1e-10)) @ dct.T
+    cepstra = 0.5 * np.log(np.maximum(power @ fbank.T, 1e-10)) @ dct.T  # 0.5: log power -> log amplitude
+    if drop_pauses:
+        energy = 10 * np.log10(power.sum(1) + 1e-20)
+        cepstra = cepstra[energy > energy.max() - MCD_DYN_RANGE]
+    return cepstra
 
 
 def mcd_from_cepstra(generated: np.ndarray, reference: np.ndarray) -> float:
@@ -211,8 +219,8 @@ def mcd_from_cepstra(generated: np.ndarray, reference: np.ndarray) -> float:
 
 
 def mcd(generated: np.ndarray, reference: np.ndarray, sr: int) -> float:
-    """MCD-DTW (dB) of two waveforms of any lengths; see mel_cepstra and mcd_from_cepstra."""
-    return mcd_from_cepstra(mel_cepstra(generated, sr), mel_cepstra(reference, sr))
+    """MCD-DTW (dB) of two waveforms of any lengths, pauses left out; see mel_cepstra and mcd_from_cepstra."""
+    return mcd_from_cepstra(mel_cepstra(generated, sr, drop_pauses=True), mel_cepstra(reference, sr, True))
 
 
 def align_to_reference(generated: np.ndarray, reference: np.ndarray, sr: int) -> np.ndarray:
