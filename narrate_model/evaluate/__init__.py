@@ -7,5 +7,5 @@ metric on one sample and turns problems into notes.
 from .base import METRICS, Audio, MetricInfo, MetricModels, MetricReport, MetricSkipped
 from .suite import evaluate_speech, evaluate_sync, evaluate_video
 
-__all__ = ["Audio", "METRICS", "MetricInfo", "MetricModels", "MetricReport", "MetricSkipped", "evaluate_speech",
+__all__ = ["METRICS", "Audio", "MetricInfo", "MetricModels", "MetricReport", "MetricSkipped", "evaluate_speech",
            "evaluate_sync", "evaluate_video"]

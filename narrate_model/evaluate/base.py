@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -63,13 +62,13 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
 class MetricModels:
     """Where the model-backed metrics find their weights; a missing one skips its metrics with a note."""
 
-    whisper_dir: Optional[str] = None             # faster-whisper (CTranslate2) model folder -> WER/CER
-    speaker_encoder: Optional[str] = "resemblyzer"  # "resemblyzer" (weights in its wheel) or None -> SIM
-    inception: Optional[str] = None               # FID weights file (registry)
-    i3d: Optional[str] = None                     # FVD weights file (registry)
-    lpips: Optional[str] = None                   # LPIPS weights (registry)
-    syncnet: Optional[str] = None                 # SyncNet weights (registry) -> LSE-C/LSE-D
-    landmarker: Optional[str] = None              # MediaPipe face_landmarker.task -> lip-sync proxy
+    whisper_dir: str | None = None                # faster-whisper (CTranslate2) model folder -> WER/CER
+    speaker_encoder: str | None = "resemblyzer"   # "resemblyzer" (weights in its wheel) or None -> SIM
+    inception: str | None = None                  # FID weights file (registry)
+    i3d: str | None = None                        # FVD weights file (registry)
+    lpips: str | None = None                      # LPIPS weights (registry)
+    syncnet: str | None = None                    # SyncNet weights (registry) -> LSE-C/LSE-D
+    landmarker: str | None = None                 # MediaPipe face_landmarker.task -> lip-sync proxy
     device: str = "cpu"
 
 
@@ -79,11 +78,15 @@ class MetricReport:
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
-    def merge(self, other: "MetricReport") -> "MetricReport":
-        self.values.update(other.values)
-        self.notes.extend(other.notes)
-        self.extra.update(other.extra)
-        return self
+
+def weights_help(key: str) -> str:
+    """Which registry file a metric needs and how to get it (narrate_model.weights)."""
+    from ..weights import resolve
+
+    entry = resolve(key)[0]
+    how = (f"fetch it with python -m narrate_model download {entry.bundle}" if entry.sha256 else
+           f"it has no published checksum, so download {entry.public_url()} by hand")
+    return f"it needs {entry.title} at <ComfyUI models>/{entry.dest}: {how}"
 
 
 class MetricSkipped(Exception):

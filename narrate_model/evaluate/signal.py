@@ -5,8 +5,6 @@ talking-head papers quote.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +82,3 @@ def ssim(generated: torch.Tensor, reference: torch.Tensor, data_range: float = 1
     """Mean per-frame SSIM; see ssim_frames."""
     return float(ssim_frames(generated, reference, data_range, gaussian).mean())
 
-
-def is_perfect_psnr(value: float) -> bool:
-    return math.isinf(value) and value > 0

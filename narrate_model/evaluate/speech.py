@@ -17,7 +17,7 @@ import torch
 
 from ..resample import resample
 from .base import MetricSkipped
-from .dtw import dtw_path, pairwise_distance
+from .dtw import dtw_path, pairwise_distance, warp_to_reference
 
 EPS = np.finfo(float).eps
 
@@ -92,7 +92,7 @@ def _drop_silent_frames(clean: np.ndarray, other: np.ndarray) -> tuple[np.ndarra
     return _overlap_add(xf[keep], hop), _overlap_add(yf[keep], hop)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _third_octave_matrix() -> np.ndarray:
     """[15, 257] 0/1 matrix summing FFT bins into one-third-octave bands, band edges snapped to the nearest bin."""
     freqs = np.linspace(0, STOI_FS, STOI_NFFT + 1)[:STOI_NFFT // 2 + 1]
@@ -168,35 +168,43 @@ def pesq(generated: np.ndarray, reference: np.ndarray, sr: int, band: str = "wb"
 
 # --- MCD with DTW ------------------------------------------------------------------------------------------------
 # Mel-cepstra: 16 kHz, 512-sample Hann frames every 160 samples (10 ms), power spectrum -> 80 HTK-mel triangular
-# bands (0-8 kHz) -> natural log -> orthonormal DCT-II; c0..c24 kept, c0 (the frame energy) excluded from the
-# distance, so MCD uses 24 coefficients.
+# bands (0-8 kHz) -> natural log of the amplitude -> cosine transform in SPTK's one-sided convention
+# (ln|X(w)| = c0 + sum_k c_k cos(k w) on the mel axis), so values are on the scale of the usual SPTK mel-cepstra;
+# c0..c24 kept, c0 (the frame level) excluded from the distance, so MCD uses 24 coefficients. Frames more than 40 dB below the signal's loudest frame are pauses and are
+# left out before the alignment (as STOI does): the log spectrum of near-silence is noise, and it would dominate.
 MCD_SR, MCD_NFFT, MCD_HOP, MCD_MELS, MCD_ORDER = 16000, 512, 160, 80, 24
+MCD_DYN_RANGE = 40.0
 MCD_K = 10 * math.sqrt(2) / math.log(10)  # (10 / ln 10) * sqrt(2 * sum d^2): Kubichek's dB scaling
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mel_dct() -> tuple[np.ndarray, np.ndarray]:
-    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731 - HTK mel scale
+    mel = lambda f: 2595 * np.log10(1 + f / 700)
     edges_mel = np.linspace(mel(0.0), mel(MCD_SR / 2), MCD_MELS + 2)
     edges = 700 * (10 ** (edges_mel / 2595) - 1)
     bins = np.linspace(0, MCD_SR / 2, MCD_NFFT // 2 + 1)
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     fbank = np.maximum(0, np.minimum((bins - lo) / (mid - lo), (hi - bins) / (hi - mid)))
     n = np.arange(MCD_MELS)
-    dct = np.cos(np.pi * np.arange(MCD_ORDER + 1)[:, None] * (2 * n + 1) / (2 * MCD_MELS)) * math.sqrt(2 / MCD_MELS)
-    dct[0] /= math.sqrt(2)
+    dct = np.cos(np.pi * np.arange(MCD_ORDER + 1)[:, None] * (2 * n + 1) / (2 * MCD_MELS)) * (2 / MCD_MELS)
+    dct[0] /= 2  # c0 is the mean log amplitude
     return fbank, dct
 
 
-def mel_cepstra(wav: np.ndarray, sr: int) -> np.ndarray:
-    """[frames, 25] mel-cepstra c0..c24 of a waveform, frame k centred on sample k * 10 ms (see MCD_* above)."""
+def mel_cepstra(wav: np.ndarray, sr: int, drop_pauses: bool = False) -> np.ndarray:
+    """[frames, 25] mel-cepstra c0..c24 of a waveform, frame k centred on sample k * 10 ms (see MCD_* above);
+    with drop_pauses, only the frames within MCD_DYN_RANGE dB of the loudest one."""
     wav = resample_np(wav, sr, MCD_SR)
     padded = np.pad(wav, (MCD_NFFT // 2, MCD_NFFT // 2))
     starts = np.arange(len(wav) // MCD_HOP + 1) * MCD_HOP
     frames = padded[starts[:, None] + np.arange(MCD_NFFT)] * np.hanning(MCD_NFFT + 1)[:-1]
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
     fbank, dct = _mel_dct()
-    return np.log(np.maximum(power @ fbank.T, 1e-10)) @ dct.T
+    cepstra = 0.5 * np.log(np.maximum(power @ fbank.T, 1e-10)) @ dct.T  # 0.5: log power -> log amplitude
+    if drop_pauses:
+        energy = 10 * np.log10(power.sum(1) + 1e-20)
+        cepstra = cepstra[energy > energy.max() - MCD_DYN_RANGE]
+    return cepstra
 
 
 def mcd_from_cepstra(generated: np.ndarray, reference: np.ndarray) -> float:
@@ -211,15 +219,13 @@ def mcd_from_cepstra(generated: np.ndarray, reference: np.ndarray) -> float:
 
 
 def mcd(generated: np.ndarray, reference: np.ndarray, sr: int) -> float:
-    """MCD-DTW (dB) of two waveforms of any lengths; see mel_cepstra and mcd_from_cepstra."""
-    return mcd_from_cepstra(mel_cepstra(generated, sr), mel_cepstra(reference, sr))
+    """MCD-DTW (dB) of two waveforms of any lengths, pauses left out; see mel_cepstra and mcd_from_cepstra."""
+    return mcd_from_cepstra(mel_cepstra(generated, sr, drop_pauses=True), mel_cepstra(reference, sr, True))
 
 
 def align_to_reference(generated: np.ndarray, reference: np.ndarray, sr: int) -> np.ndarray:
     """`generated` re-timed by DTW on mel-cepstra onto the reference's length (for STOI / PESQ)."""
     gen16, ref16 = resample_np(generated, sr, MCD_SR), resample_np(reference, sr, MCD_SR)
-    from .dtw import warp_to_reference
-
     warped = warp_to_reference(gen16, mel_cepstra(gen16, MCD_SR)[:, 1:], mel_cepstra(ref16, MCD_SR)[:, 1:],
                                len(ref16), MCD_HOP)
     out = resample_np(warped, MCD_SR, sr)
@@ -287,7 +293,8 @@ def _whisper(model_dir: str, device: str):
 
 
 def transcribe(wav: np.ndarray, sr: int, model_dir: str, language: str = "en", device: str = "cpu") -> str:
-    """Whisper transcript (beam search of 5) through faster-whisper, without previous-text conditioning."""
+    """Whisper transcript through faster-whisper: greedy decoding (openai-whisper's transcribe() default),
+    no conditioning on previous text."""
     try:
         import faster_whisper  # noqa: F401
     except ImportError as error:
@@ -298,7 +305,7 @@ def transcribe(wav: np.ndarray, sr: int, model_dir: str, language: str = "en", d
     model = _whisper(str(model_dir), "cuda" if str(device).startswith("cuda") else "cpu")
     lang = None if model.model.is_multilingual is False else language
     audio = resample_np(wav, sr, WHISPER_SR).astype(np.float32)
-    segments, _ = model.transcribe(audio, language=lang, beam_size=5, condition_on_previous_text=False)
+    segments, _ = model.transcribe(audio, language=lang, beam_size=1, condition_on_previous_text=False)
     return " ".join(segment.text.strip() for segment in segments)
 
 

@@ -5,8 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..progress import ProgressFn
 from . import signal, speech, sync
-from .base import Audio, MetricModels, MetricReport, MetricSkipped, finite_or_note, mono, run_metric
+from .base import (
+    Audio,
+    MetricModels,
+    MetricReport,
+    MetricSkipped,
+    finite_or_note,
+    mono,
+    run_metric,
+)
+
+DEFAULT_MODELS = MetricModels()  # never mutated: resemblyzer SIM on, every weights file off
 
 
 def _clean_audio(audio: Audio, name: str, report: MetricReport) -> tuple[np.ndarray, int] | None:
@@ -25,7 +36,7 @@ def _need(path, what: str, how: str) -> str:
 
 
 def evaluate_speech(generated: Audio, reference: Audio | None = None, text: str | None = None,
-                    language: str = "en", models: MetricModels = MetricModels()) -> MetricReport:
+                    language: str = "en", models: MetricModels = DEFAULT_MODELS) -> MetricReport:
     """STOI, ESTOI, PESQ wb/nb, MCD and SIM against `reference`; WER/CER against `text`. A reference at another
     sample rate is resampled to the generated one; a different length is aligned by DTW for STOI/ESTOI/PESQ (MCD
     aligns by itself)."""
@@ -105,7 +116,7 @@ def _video_batch(x: torch.Tensor, name: str, report: MetricReport) -> torch.Tens
 
 
 def evaluate_video(generated: torch.Tensor, reference: torch.Tensor,
-                   models: MetricModels = MetricModels()) -> MetricReport:
+                   models: MetricModels = DEFAULT_MODELS) -> MetricReport:
     """PSNR and SSIM, plus LPIPS, FID and FVD when their weights are given, of IMAGE batches [N, H, W, 3] 0..1.
     Different frame counts are trimmed to the shorter; different sizes are a note (no metric)."""
     from . import video
@@ -133,10 +144,11 @@ def evaluate_video(generated: torch.Tensor, reference: torch.Tensor,
     return report
 
 
-def evaluate_sync(frames: torch.Tensor, audio: Audio, fps: float,
-                  models: MetricModels = MetricModels()) -> MetricReport:
+def evaluate_sync(frames: torch.Tensor, audio: Audio, fps: float, models: MetricModels = DEFAULT_MODELS,
+                  progress: ProgressFn = None) -> MetricReport:
     """LSE-C / LSE-D with SyncNet weights when given, and (always, when a landmarker is given) the landmark PROXY
-    "lipsync_proxy_corr" with extra["av_offset_frames"] (positive = audio late) and extra["lag_curve"]."""
+    "lipsync_proxy_corr" with extra["av_offset_frames"] (positive = audio late) and extra["lag_curve"].
+    `progress(done, total)` is called after each landmarked frame (the long loop; it may raise to cancel)."""
     from . import syncnet
 
     report = MetricReport()
@@ -151,13 +163,18 @@ def evaluate_sync(frames: torch.Tensor, audio: Audio, fps: float,
     if speech.is_silent(wav):
         report.notes.append("lse_c/lse_d/lipsync_proxy_corr skipped: the audio is silent (below -60 dBFS)")
         return report
-    run_metric(report, ("lse_d", "lse_c"), lambda: syncnet.lse(video, wav, sr, fps, _need(
-        models.syncnet, "SyncNet weights", syncnet.SYNCNET_HELP), models.device))
+    def lse():
+        result = syncnet.lse(video, wav, sr, fps, _need(models.syncnet, "SyncNet weights", syncnet.SYNCNET_HELP),
+                             models.device)
+        report.extra["syncnet_offset_frames"] = result["syncnet_offset_frames"]
+        report.extra["syncnet_curve"] = result["syncnet_curve"]
+        return {"lse_d": result["lse_d"], "lse_c": result["lse_c"]}
+    run_metric(report, ("lse_d", "lse_c"), lse)
 
     def proxy():
         path = _need(models.landmarker, "MediaPipe face landmarker",
                      "give MetricModels.landmarker the path of face_landmarker.task")
-        result = sync.lipsync_proxy(video, wav, sr, fps, path, notes=report.notes)
+        result = sync.lipsync_proxy(video, wav, sr, fps, path, notes=report.notes, progress=progress)
         report.extra["av_offset_frames"] = result.offset_frames
         report.extra["lag_curve"] = result.lag_curve
         return result.correlation

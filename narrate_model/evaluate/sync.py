@@ -1,11 +1,13 @@
-"""Lip-sync measures: a landmark PROXY that needs no SyncNet, and LSE-C / LSE-D with SyncNet weights (syncnet.py).
+"""Lip-sync measures: a landmark PROXY that needs no SyncNet (here), and LSE-C / LSE-D with SyncNet (syncnet.py).
 
-The proxy (`lipsync_proxy`) is not LSE and is not comparable with published LSE numbers: it is the peak Pearson
-correlation between the mouth opening seen in the frames and the loudness of the speech, searched over +-N frames
-of lag. The lag of the peak estimates the audio/video offset.
+The proxy is not LSE and is not comparable with published LSE numbers. Per video frame it takes the mouth opening
+(MediaPipe face-mesh landmarks, the landmarker the pack uses for Hallo's masks) and the speech loudness, keeps their
+syllable-rate movement (a 9-frame moving average removed, then frame-to-frame differences) and searches +-15 frames
+of lag for the peak Pearson correlation: the peak is `lipsync_proxy_corr`, its lag the A/V offset estimate.
 
 Sign convention: a POSITIVE offset means the AUDIO IS LATE (the sound of a syllable comes after the mouth opens for
-it), e.g. +5 when the audio track was delayed by 5 frames; negative means the audio is early.
+it), e.g. +5 when the audio track was delayed by 5 frames; negative means the audio is early. Natural speech reads
+about +1: the mouth opens slightly before the sound.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def mouth_opening(frames: torch.Tensor, landmarker_path: str, fps: float = 25.0,
                 rgb = cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)),
                                  interpolation=cv2.INTER_AREA)
             image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
-            faces = landmarker.detect_for_video(image, int(round(i * 1000 / fps))).face_landmarks
+            faces = landmarker.detect_for_video(image, round(i * 1000 / fps)).face_landmarks
             if faces:
                 points = np.array([[p.x * rgb.shape[1], p.y * rgb.shape[0]] for p in faces[0]])
                 eyes = np.linalg.norm(points[LEFT_EYE_OUTER] - points[RIGHT_EYE_OUTER])
@@ -74,7 +76,7 @@ def speech_envelope(wav: np.ndarray, sr: int, fps: float, n_frames: int) -> np.n
     ENVELOPE_FLOOR_DB below the loudest frame. Frames past the end of the audio are NaN."""
     out = np.full(n_frames, np.nan)
     for n in range(n_frames):
-        a, b = int(round(n * sr / fps)), int(round((n + 1) * sr / fps))
+        a, b = round(n * sr / fps), round((n + 1) * sr / fps)
         if b > len(wav):
             break
         out[n] = 20 * math.log10(math.sqrt(float(np.mean(wav[a:b] ** 2))) + 1e-12)
