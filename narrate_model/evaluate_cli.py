@@ -30,7 +30,11 @@ from .progress import ProgressFn, report
 VIDEO_EXT = {".mp4", ".mov", ".mkv", ".webm", ".avi"}
 AUDIO_EXT = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-LANDMARKER = "narrate/face_analysis/face_landmarker_v2_with_blendshapes.task"  # where Face Encode finds it
+# The registry entry (narrate_model.weights) of each model option: used when the option is not given and the file is
+# in place under --models-dir (the Video Metrics / Lip Sync nodes preset their dropdowns the same way).
+METRIC_WEIGHTS = {"lpips": "lpips-alex/alex.pth", "inception": "fid-inception/pt_inception-2015-12-05-6726825d.pth",
+                  "i3d": "fvd-i3d/rgb_imagenet.pt", "syncnet": "syncnet/syncnet_v2.model",
+                  "landmarker": "face-landmarker/face_landmarker_v2_with_blendshapes.task"}
 
 
 @dataclass
@@ -126,6 +130,7 @@ def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def evaluate_clips(generated: Clip, reference: Clip | None, text: str | None, language: str, models):
     """All the metrics that apply to one sample, merged; each family's failure is a note, not an exception."""
     from . import evaluate as ev
+    from .evaluate.report import merge
 
     notes, reports = [], []
 
@@ -147,10 +152,7 @@ def evaluate_clips(generated: Clip, reference: Clip | None, text: str | None, la
         attempt("video", ev.evaluate_video, generated.frames, ref_frames, models)
     if generated.frames is not None and generated.audio is not None:
         attempt("lip-sync", ev.evaluate_sync, generated.frames, generated.audio, generated.fps or 25.0, models)
-    merged = ev.MetricReport(notes=notes)
-    for r in reports:
-        merged.merge(r)
-    return merged
+    return merge(ev.MetricReport(notes=notes), *reports)
 
 
 def evaluate_folders(generated: Path, reference: Path | None, texts: dict[str, str], models, language: str = "en",
@@ -183,12 +185,13 @@ def add_model_arguments(p) -> None:
                    help="speaker encoder for SIM (resemblyzer's weights ship in its wheel)")
     p.add_argument("--inception", type=Path, help="Inception weights for FID")
     p.add_argument("--i3d", type=Path, help="I3D weights for FVD")
-    p.add_argument("--lpips", type=Path, help="LPIPS weights")
-    p.add_argument("--syncnet", type=Path, help="SyncNet weights for LSE-C/LSE-D")
-    p.add_argument("--landmarker", type=Path,
-                   help=f"MediaPipe face_landmarker.task for the lip-sync proxy (default: <models-dir>/{LANDMARKER} "
-                        f"when present)")
-    p.add_argument("--device", default="cpu", help="torch device for the model-backed metrics")
+    p.add_argument("--lpips", type=Path, help="LPIPS v0.1 AlexNet heads (alex.pth; AlexNet's weights beside it)")
+    p.add_argument("--syncnet", type=Path, help="SyncNet weights (syncnet_v2.model) for LSE-C/LSE-D")
+    p.add_argument("--landmarker", type=Path, help="MediaPipe face_landmarker.task for the lip-sync proxy")
+    p.epilog = ("Each weights option defaults to its file in --models-dir when it is there (`python -m narrate_model "
+                "list` shows where and how to get each); a model that is missing skips its metrics with a note.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device for the model-backed metrics (default: cuda when there is one)")
     p.add_argument("--language", default="en", help="language of the speech, for WER/CER")
     p.add_argument("--max-seconds", type=float, help="evaluate only the first seconds of each clip")
 
@@ -196,20 +199,22 @@ def add_model_arguments(p) -> None:
 def metric_models(args):
     """MetricModels from the command line; a model left out is skipped by its metrics with a note."""
     from .evaluate import MetricModels
+    from .weights import local_path, resolve
 
-    landmarker = args.landmarker
-    if landmarker is None and (Path(args.models_dir) / LANDMARKER).is_file():
-        landmarker = Path(args.models_dir) / LANDMARKER
+    def given_or_installed(name: str) -> str | None:
+        if getattr(args, name) is not None:
+            return str(getattr(args, name))
+        path = local_path(resolve(METRIC_WEIGHTS[name])[0], args.models_dir)
+        return str(path) if path.is_file() else None
+
     whisper = args.whisper
     if whisper is None:
         from .evaluate.speech import bundled_whisper_dir
 
         whisper = bundled_whisper_dir()
-    path = lambda p: str(p) if p else None  # noqa: E731
-    return MetricModels(whisper_dir=None if whisper == "none" else path(whisper),
+    return MetricModels(whisper_dir=None if whisper in (None, "none") else str(whisper),
                         speaker_encoder=None if args.speaker_encoder == "none" else args.speaker_encoder,
-                        inception=path(args.inception), i3d=path(args.i3d), lpips=path(args.lpips),
-                        syncnet=path(args.syncnet), landmarker=path(landmarker), device=args.device)
+                        **{name: given_or_installed(name) for name in METRIC_WEIGHTS}, device=args.device)
 
 
 def progress_printer(label: str):

@@ -3,8 +3,9 @@
 Each shows its table in the UI and outputs it as a STRING, plus the whole report as a STRING of JSON (values, better
 directions, notes, details such as the A/V offset): plain strings plug into any text node (save, concatenate, show),
 and JSON is what a script reading /history or a file wants, so no custom socket type is needed. Model files are
-dropdowns over models/narrate/eval/ (Whisper: one faster-whisper folder per model under whisper/); a model that is
-not chosen or not present skips its metrics with a note in the table.
+dropdowns over models/narrate/metrics/ (where `python -m narrate_model download lpips-alex fid-inception` puts
+them; Whisper: one faster-whisper folder per model under whisper/), preset to the registry's file when it is there.
+A model that is not chosen or not present skips its metrics with a note in the table.
 """
 from __future__ import annotations
 
@@ -17,26 +18,39 @@ from comfy_api.latest import io
 
 from ..narrate_model import evaluate
 from ..narrate_model.evaluate.report import text_table, to_dict
+from ..narrate_model.evaluate_cli import METRIC_WEIGHTS
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
 from .common import CATEGORY, checkpoint_choices, input_errors, model_folder, progress_bar
 from .video import LANDMARKER_DEFAULT
 
-EVAL_FOLDER = "narrate_eval"
+EVAL_FOLDER = "narrate_metrics"
 WHISPER_MARKER = "model.bin"  # CTranslate2's weights file: marks a faster-whisper model folder
 NONE = "none"
 
 
 def whisper_choices() -> list[str]:
+    """none, then the sub-folders of models/narrate/metrics/ that hold a CTranslate2 model.bin."""
     return [NONE] + checkpoint_choices(EVAL_FOLDER, WHISPER_MARKER)
 
 
 def weight_choices() -> list[str]:
-    """Weight files under models/narrate/eval/, leaving out what belongs to a Whisper folder."""
+    """Weight files under models/narrate/metrics/ (SyncNet's ends in .model), leaving out Whisper folders' files."""
+    kinds = set(folder_paths.supported_pt_extensions) | {".model"}
     whisper = set(whisper_choices()[1:])
     files = [f for f in checkpoint_choices(EVAL_FOLDER)
-             if os.path.splitext(f)[1] in folder_paths.supported_pt_extensions
-             and os.path.dirname(f) not in whisper]
+             if os.path.splitext(f)[1] in kinds and os.path.dirname(f) not in whisper]
     return [NONE] + files
+
+
+def weights_input(name: str, tooltip: str) -> io.Combo.Input:
+    """A weights dropdown preset to the registry's file for this metric when it is in place, else none."""
+    from ..narrate_model.weights import resolve
+
+    options = weight_choices()
+    registered = resolve(METRIC_WEIGHTS[name])[0].dest.split("/", 2)[2]  # narrate/metrics/<this>
+    return io.Combo.Input(name, options=options, default=registered if registered in options else NONE,
+                          tooltip=f"{tooltip} in models/narrate/metrics/ (`python -m narrate_model list` says how to "
+                                  f"get it); none skips them.")
 
 
 def _model_path(choice: str, folder: str, what: str, notes: list[str], marker: str | None = None) -> str | None:
@@ -57,12 +71,15 @@ def _audio(audio: dict):
     return audio["waveform"][0], int(audio["sample_rate"])
 
 
-def _run(node: str, title: str, fn, *args, notes: list[str]) -> io.NodeOutput:
-    progress = progress_bar(1)
+def _run(node: str, title: str, fn, *args, notes: list[str], frames: int = 0) -> io.NodeOutput:
+    """Calls the library with the node's notes in front of its own; with `frames`, the library advances the bar (and
+    checks Cancel) once per frame, otherwise the call is one step."""
+    progress = progress_bar(frames or 1)
     mm.throw_exception_if_processing_interrupted()
     with input_errors(node):
-        result = fn(*args)
-    progress(1, 1)
+        result = fn(*args, progress=progress) if frames else fn(*args)
+    if not frames:
+        progress(1, 1)
     result.notes[:0] = notes
     table = text_table(result, title)
     return io.NodeOutput(table, json.dumps(to_dict(result), allow_nan=False), ui={"text": [table]})
@@ -96,9 +113,9 @@ class SpeechMetrics(io.ComfyNode):
                                 tooltip="What should have been said, for WER/CER (empty: skipped)."),
                 io.Combo.Input("language", options=list(SUPPORTED_LANGUAGES), default="en",
                                tooltip="Language of the speech, for Whisper and the text normaliser."),
-                io.Combo.Input("whisper", options=whisper_choices(), default=NONE,
-                               tooltip="A faster-whisper (CTranslate2) model folder in models/narrate/eval/whisper/ "
-                                       "for WER/CER; none skips them."),
+                io.Combo.Input("whisper", options=whisper_choices(), default=whisper_choices()[-1],
+                               tooltip="A faster-whisper (CTranslate2) model folder in models/narrate/metrics/whisper/ "
+                                       "for WER/CER (preset to one that is there); none skips them."),
                 io.Combo.Input("speaker_encoder", options=["resemblyzer", NONE], default="resemblyzer",
                                tooltip="Speaker encoder for SIM (resemblyzer's weights ship in its wheel)."),
             ],
@@ -127,12 +144,9 @@ class VideoMetrics(io.ComfyNode):
             inputs=[
                 io.Image.Input("generated", tooltip="The generated frames (an IMAGE batch)."),
                 io.Image.Input("reference", tooltip="The ground-truth frames, same size, in the same order."),
-                io.Combo.Input("lpips", options=weight_choices(), default=NONE,
-                               tooltip="LPIPS weights in models/narrate/eval/; none skips LPIPS."),
-                io.Combo.Input("inception", options=weight_choices(), default=NONE,
-                               tooltip="Inception weights for FID in models/narrate/eval/; none skips FID."),
-                io.Combo.Input("i3d", options=weight_choices(), default=NONE,
-                               tooltip="I3D weights for FVD in models/narrate/eval/; none skips FVD."),
+                weights_input("lpips", "LPIPS v0.1 AlexNet heads (alex.pth, AlexNet's weights beside it)"),
+                weights_input("inception", "pytorch-fid's Inception weights for FID"),
+                weights_input("i3d", "I3D (Kinetics-400) weights for FVD"),
             ],
             outputs=OUTPUTS, is_output_node=True,
         )
@@ -160,8 +174,7 @@ class LipSync(io.ComfyNode):
                 io.Audio.Input("audio", tooltip="The soundtrack of those frames."),
                 io.Float.Input("fps", default=25.0, min=1.0, max=240.0, step=0.001,
                                tooltip="Frames per second of the images (Hallo: 25)."),
-                io.Combo.Input("syncnet", options=weight_choices(), default=NONE,
-                               tooltip="SyncNet weights in models/narrate/eval/ for LSE-C/LSE-D; none: proxy only."),
+                weights_input("syncnet", "SyncNet's syncnet_v2.model for LSE-C/LSE-D (without it: the proxy only)"),
                 io.Combo.Input("landmarker", options=checkpoint_choices("narrate_face_analysis", None,
                                                                        LANDMARKER_DEFAULT),
                                default=LANDMARKER_DEFAULT,
@@ -178,7 +191,7 @@ class LipSync(io.ComfyNode):
                          landmarker=_model_path(landmarker, "narrate_face_analysis", "Face landmarker", notes),
                          speaker_encoder=None)
         return _run("Lip Sync", "Lip sync", evaluate.evaluate_sync, images, _audio(audio), float(fps), models,
-                    notes=notes)
+                    notes=notes, frames=images.shape[0])
 
 
 NODES: list[type[io.ComfyNode]] = [SpeechMetrics, VideoMetrics, LipSync]

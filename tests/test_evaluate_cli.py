@@ -187,8 +187,10 @@ def test_benchmark_quality_generates_each_row_then_evaluates(comfy_server, small
     assert (out / "reference" / "man.mp4").read_bytes() == (MEDIA / "videos" / "man.mp4").read_bytes()
     values = read_csv(out / "metrics.csv")["man"]
     assert {"psnr", "ssim", "stoi", "mcd"} <= set(values) and math.isfinite(values["psnr"])
-    assert "lipsync_proxy_corr" in values or "proxy" in done.stderr  # the landmarker found in --models-dir
     notes = json.loads((out / "metrics.json").read_text())["samples"]["man"]["notes"]
+    # the landmarker was found in --models-dir: the proxy ran (the random small models draw no face)
+    assert "lipsync_proxy_corr" in values or any("no face" in n for n in notes), notes
+    assert not any("landmarker" in n for n in notes), notes
     assert any("resized from 512x512 to 64x64" in n for n in notes)
 
 

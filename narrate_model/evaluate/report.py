@@ -25,6 +25,18 @@ BAR_PANEL_INCHES = (4.0, 3.0)
 HISTOGRAM_INCHES = (6.0, 4.0)
 
 
+def merge(*reports):
+    """One MetricReport from several of the same sample (speech, video, sync): their values, notes and extra."""
+    from . import MetricReport
+
+    out = MetricReport()
+    for r in reports:
+        out.values.update(r.values)
+        out.notes.extend(r.notes)
+        out.extra.update(r.extra)
+    return out
+
+
 def better(name: str) -> str | None:
     """'higher' or 'lower' from the library's METRICS table; None for a name it does not know."""
     from . import METRICS
