@@ -41,6 +41,9 @@ def evaluate_speech(generated: Audio, reference: Audio | None = None, text: str 
     sample rate is resampled to the generated one; a different length is aligned by DTW for STOI/ESTOI/PESQ (MCD
     aligns by itself)."""
     report = MetricReport()
+    if reference is None and text is None:
+        report.notes.append("nothing to compare the generated audio with: give a reference audio and/or its text")
+        return report
     got = _clean_audio(generated, "generated audio", report)
     if got is None:
         return report
