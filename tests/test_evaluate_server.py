@@ -26,15 +26,11 @@ def whisper_folder() -> Path:
 
 @pytest.fixture(scope="module")
 def eval_models(comfy_server, small_models) -> dict:
-    """The bundled Whisper linked where Speech Metrics lists Whisper folders (models/narrate/metrics/whisper/), and
-    a file where the registry puts LPIPS's heads (never loaded here: the graphs choose none)."""
-    metrics = comfy_server.base / "models" / "narrate" / "metrics"
-    folder = metrics / "whisper"
+    """The bundled Whisper linked where Speech Metrics lists Whisper folders (models/narrate/metrics/whisper/)."""
+    folder = comfy_server.base / "models" / "narrate" / "metrics" / "whisper"
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "tiny.en").exists():
         os.symlink(whisper_folder(), folder / "tiny.en")
-    (metrics / "lpips").mkdir(exist_ok=True)
-    (metrics / "lpips" / "alex.pth").write_bytes(b"")
     return small_models | {"whisper": "whisper/tiny.en"}
 
 
@@ -62,7 +58,18 @@ def combo(comfy, node: str, name: str) -> tuple[list, object]:
     return (spec[1]["options"] if spec[0] == "COMBO" else spec[0]), spec[1].get("default")
 
 
-def test_the_model_dropdowns_list_the_metrics_folder(comfy, eval_models):
+@pytest.fixture()
+def lpips_in_place(comfy_server):
+    """A file where the registry puts LPIPS's heads, for as long as the test runs (it is never loaded: other tests
+    find their models in the same folder)."""
+    path = comfy_server.base / "models" / "narrate" / "metrics" / "lpips" / "alex.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    yield path
+    path.unlink()
+
+
+def test_the_model_dropdowns_list_the_metrics_folder(comfy, eval_models, lpips_in_place):
     options, default = combo(comfy, "NFY_SpeechMetrics", "whisper")
     assert options[0] == "none" and default == eval_models["whisper"]  # the first model folder found
     assert not any(o.endswith(".bin") for o in options)  # folders, not the files inside them
