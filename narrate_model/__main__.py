@@ -1,4 +1,5 @@
-"""The pack's command line: `python -m narrate_model list | download NAME... | convert FILE.pth | narrate ...`.
+"""The pack's command line: `python -m narrate_model list | download NAME... | convert FILE.pth | narrate ... |
+evaluate ... | benchmark-quality ...`.
 
 Run it from the pack's folder (ComfyUI/custom_nodes/<pack>), where `narrate_model` is importable; the models folder
 defaults to the ComfyUI installation's (../../models), or pass --models-dir.
@@ -9,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import narrate_cli
+from . import evaluate_cli, narrate_cli
 from .fetch import DownloadError, fetch
 from .train import cli as train_cli, prepare_cli
 from .weights import PACK_DIR, BUNDLES, LICENCES, convert_to_safetensors, licence_notice, local_path, resolve, status
@@ -110,6 +111,16 @@ def main(argv=None) -> int:
     train_cli.add_arguments(p)
     p.add_argument("--models-dir", **models)
     p.set_defaults(run=train_cli.run)
+
+    p = sub.add_parser("evaluate", help="speech, video and lip-sync metrics of generated clips vs references")
+    evaluate_cli.add_evaluate_arguments(p)
+    p.add_argument("--models-dir", **models)
+    p.set_defaults(run=evaluate_cli.run_evaluate)
+
+    p = sub.add_parser("benchmark-quality", help="run a workflow over rows of inputs, then evaluate the results")
+    evaluate_cli.add_benchmark_arguments(p)
+    p.add_argument("--models-dir", **models)
+    p.set_defaults(run=evaluate_cli.run_benchmark)
 
     args = parser.parse_args(argv)
     try:

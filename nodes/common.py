@@ -36,6 +36,7 @@ MODEL_FOLDERS = {
     "narrate_wav2vec2": ("narrate/wav2vec2", None),  # one sub-folder per model, e.g. wav2vec2-base-960h/
     "narrate_face_analysis": ("narrate/face_analysis", {".task", ".onnx"}),  # MediaPipe landmarker, ArcFace
     "narrate_entangle": ("narrate/entangle", {".safetensors"}),  # NFY entanglement transformers
+    "narrate_metrics": ("narrate/metrics", None),  # evaluation weights; Whisper folders under whisper/
 }
 
 
