@@ -3,6 +3,9 @@ through small stand-in networks, and LPIPS / SyncNet / I3D / FID-Inception loadi
 layouts filled with random weights."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +159,13 @@ def test_fid_inception_and_i3d_accept_their_registry_key_layouts(tmp_path):
     torch.save(i3d_state, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match="rgb_imagenet"):
         video.load_i3d(str(tmp_path / "broken.pt"))
+
+
+def test_a_corrupt_weights_file_is_a_note_and_the_other_metrics_stay():
+    frames, _ = media_frames("man", 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "alex.pth"
+        empty.write_bytes(b"")  # a cut download
+        report = evaluate_video(frames[:2], frames[:2], MetricModels(lpips=str(empty)))
+    assert "lpips" not in report.values and "psnr" in report.values and "ssim" in report.values
+    assert any(n.startswith("lpips failed") for n in report.notes), report.notes

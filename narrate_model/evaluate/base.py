@@ -126,7 +126,7 @@ def run_metric(report: MetricReport, names, compute) -> None:
     except MetricSkipped as why:
         report.notes.append(f"{'/'.join(names)} skipped: {why}")
         return
-    except (ValueError, RuntimeError, FloatingPointError) as error:
+    except (ValueError, RuntimeError, FloatingPointError, OSError, EOFError) as error:  # incl. a corrupt weights file
         report.notes.append(f"{'/'.join(names)} failed: {type(error).__name__}: {error}")
         return
     if not isinstance(result, dict):
