@@ -127,8 +127,9 @@ def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.clamp(0, 1).permute(0, 2, 3, 1)
 
 
-def evaluate_clips(generated: Clip, reference: Clip | None, text: str | None, language: str, models):
-    """All the metrics that apply to one sample, merged; each family's failure is a note, not an exception."""
+def evaluate_clips(generated: Clip, reference: Clip | None, text: str | None, language: str, models, pooled=None):
+    """All the metrics that apply to one sample, merged; each family's failure is a note, not an exception.
+    `pooled` (a video.PooledFrechet) also collects the sample's FID / FVD features for the test-set values."""
     from . import evaluate as ev
     from .evaluate.report import merge
 
@@ -150,13 +151,15 @@ def evaluate_clips(generated: Clip, reference: Clip | None, text: str | None, la
             notes.append(f"reference frames resized from {ref_frames.shape[2]}x{ref_frames.shape[1]} to {w}x{h}")
             ref_frames = _resize(ref_frames, h, w)
         attempt("video", ev.evaluate_video, generated.frames, ref_frames, models)
+        if pooled is not None:
+            attempt("test-set FID/FVD", pooled.add, generated.frames, ref_frames)
     if generated.frames is not None and generated.audio is not None:
         attempt("lip-sync", ev.evaluate_sync, generated.frames, generated.audio, generated.fps or 25.0, models)
     return merge(ev.MetricReport(notes=notes), *reports)
 
 
 def evaluate_folders(generated: Path, reference: Path | None, texts: dict[str, str], models, language: str = "en",
-                     max_seconds: float | None = None, progress: ProgressFn = None) -> dict:
+                     max_seconds: float | None = None, progress: ProgressFn = None, pooled=None) -> dict:
     """Sample name -> merged report for every generated sample; unreadable files are a note of their sample."""
     from .evaluate import MetricReport
 
@@ -169,7 +172,7 @@ def evaluate_folders(generated: Path, reference: Path | None, texts: dict[str, s
         except Exception as exc:  # noqa: BLE001
             results[name] = MetricReport(notes=[f"could not read the files: {type(exc).__name__}: {exc}"])
         else:
-            results[name] = evaluate_clips(gen, ref, texts.get(name.lower()), language, models)
+            results[name] = evaluate_clips(gen, ref, texts.get(name.lower()), language, models, pooled)
             if reference is not None and ref_path is None:
                 results[name].notes.insert(0, "no reference with this name: reference-based metrics skipped")
         report(progress, i + 1, len(pairs))
@@ -224,14 +227,28 @@ def progress_printer(label: str):
     return show
 
 
-def _finish(results: dict, out: Path) -> int:
+def test_set_frechet(models):
+    """The pooled FID / FVD accumulator when their weights are given (None otherwise: nothing to pool)."""
+    if not (models.inception or models.i3d):
+        return None
+    from .evaluate.video import PooledFrechet
+
+    try:
+        return PooledFrechet.from_weights(models.inception, models.i3d, models.device)
+    except Exception as exc:  # noqa: BLE001 - a bad weights file is already a per-sample note; no pooled values
+        print(f"note: test-set FID/FVD skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def _finish(results: dict, out: Path, pooled=None) -> int:
     from .evaluate.report import grouped_notes, markdown_table, write_all
 
     if not results:
         print("no samples to evaluate", file=sys.stderr)
         return 1
-    written = write_all(out, results)
-    print(markdown_table(results))
+    test_set = pooled.values() if pooled is not None else {}
+    written = write_all(out, results, test_set)
+    print(markdown_table(results, test_set))
     for note in grouped_notes(results):
         print(f"note: {note}", file=sys.stderr)
     for path in written.values():
@@ -254,9 +271,11 @@ def run_evaluate(args) -> int:
         if folder is not None and not folder.is_dir():
             raise SystemExit(f"--{name} {folder}: not a folder")
     texts = read_texts(args.text_from) if args.text_from else {}
-    results = evaluate_folders(args.generated, args.reference, texts, metric_models(args), args.language,
-                               args.max_seconds, progress_printer("evaluating"))
-    return _finish(results, args.out)
+    models = metric_models(args)
+    pooled = test_set_frechet(models)
+    results = evaluate_folders(args.generated, args.reference, texts, models, args.language,
+                               args.max_seconds, progress_printer("evaluating"), pooled)
+    return _finish(results, args.out, pooled)
 
 
 # ---- benchmark-quality ------------------------------------------------------------------------------------------
@@ -355,7 +374,9 @@ def run_benchmark(args) -> int:
         if server:
             server.stop()
     texts = {row["id"].lower(): row["text"] for row in rows}
-    results = evaluate_folders(generated, reference, texts, metric_models(args), args.language, args.max_seconds,
-                               progress_printer("evaluating"))
-    code = _finish(results, args.out)
+    models = metric_models(args)
+    pooled = test_set_frechet(models)
+    results = evaluate_folders(generated, reference, texts, models, args.language, args.max_seconds,
+                               progress_printer("evaluating"), pooled)
+    code = _finish(results, args.out, pooled)
     return 1 if failed or code else 0

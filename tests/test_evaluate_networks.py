@@ -169,3 +169,39 @@ def test_a_corrupt_weights_file_is_a_note_and_the_other_metrics_stay():
         report = evaluate_video(frames[:2], frames[:2], MetricModels(lpips=str(empty)))
     assert "lpips" not in report.values and "psnr" in report.values and "ssim" in report.values
     assert any(n.startswith("lpips failed") for n in report.notes), report.notes
+
+
+def test_test_set_fid_and_fvd_pool_the_features_of_every_sample():
+    """The CLI's test-set FID / FVD: one distance over all samples' features, as papers report them; not the mean of
+    per-sample distances (the broken variant below), which is what a per-sample table row gives."""
+    frames, _ = media_frames("man", 96)
+    samples = [(frames[i:i + 16], (frames[i:i + 16] + 0.1 * torch.randn(16, 96, 96, 3)).clamp(0, 1))
+               for i in (0, 16, 32)]
+    net, clip_net = TinyImageNet(), TinyClipNet()
+    pooled = video.PooledFrechet(net, clip_net, fid_size=64, fvd_size=32, clip=8)
+    for gen, ref in samples:
+        pooled.add(gen, ref)
+    pooled.add(frames[:4], frames[4:8])  # too short for an 8-frame clip: adds FID features only
+    values = pooled.values()
+    gens, refs = [s[0] for s in samples] + [frames[:4]], [s[1] for s in samples] + [frames[4:8]]
+    expected_fid = video.frechet_from_features(video.image_features(torch.cat(gens), net, 64),
+                                               video.image_features(torch.cat(refs), net, 64))
+    assert values["fid"] == (pytest.approx(expected_fid, rel=1e-6), 52)
+    expected_fvd = video.frechet_from_features(
+        torch.cat([video.clip_features(g, clip_net, 8, 32) for g, _ in samples]),
+        torch.cat([video.clip_features(r, clip_net, 8, 32) for _, r in samples]))
+    assert values["fvd"] == (pytest.approx(expected_fvd, rel=1e-6), 6)
+    per_sample_mean = sum(video.fid_from_network(g, r, net, 64) for g, r in samples) / len(samples)
+    assert abs(per_sample_mean - values["fid"][0]) > 1e-3 * abs(values["fid"][0])
+    # the paper-layout table and metrics.json carry the pooled rows next to the per-sample means
+    from narrate_model.evaluate import MetricReport
+    from narrate_model.evaluate.report import markdown_table, write_all
+
+    reports = {"a": MetricReport(values={"fid": 3.0}), "b": MetricReport(values={"fid": 5.0})}
+    table = markdown_table(reports, values)
+    assert "| fid | ↓ | 4.000 ± 1.000 | 2 |" in table and "| fid (test set, pooled) |" in table, table
+    with tempfile.TemporaryDirectory() as tmp:
+        import json
+
+        written = write_all(Path(tmp), reports, values)
+        assert json.loads(written["json"].read_text())["test_set"]["fvd"]["n"] == 6

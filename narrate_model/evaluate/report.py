@@ -131,11 +131,14 @@ def mean_std(s: Summary) -> str:
     return f"{s.mean:.{decimals}f} ± {s.std:.{decimals}f}"
 
 
-def markdown_table(reports: Mapping[str, object]) -> str:
-    """The paper's layout: one row per metric with its better direction, mean ± std over the samples, and n."""
+def markdown_table(reports: Mapping[str, object], test_set: Mapping[str, tuple] = None) -> str:
+    """The paper's layout: one row per metric with its better direction, mean ± std over the samples, and n; then
+    the test-set FID / FVD (one distance over the pooled features; n = feature rows per side) when there are any."""
     rows = ["| Metric | Better | Mean ± std | n |", "|---|:-:|---:|---:|"]
     for s in summarise(reports):
         rows.append(f"| {s.name} | {ARROWS.get(better(s.name), '')} | {mean_std(s)} | {s.n} |")
+    for name, (value, n) in (test_set or {}).items():
+        rows.append(f"| {name} (test set, pooled) | {ARROWS.get(better(name), '')} | {fmt(value)} | {n} |")
     return "\n".join(rows) + "\n"
 
 
@@ -242,7 +245,7 @@ def histogram_size() -> tuple[int, int]:
     return round(HISTOGRAM_INCHES[0] * DPI), round(HISTOGRAM_INCHES[1] * DPI)
 
 
-def write_all(out_dir: Path, reports: Mapping[str, object]) -> dict[str, Path]:
+def write_all(out_dir: Path, reports: Mapping[str, object], test_set: Mapping[str, tuple] = None) -> dict[str, Path]:
     """metrics.csv, metrics.md (table + notes), metrics.json and the plots that have data, in `out_dir`."""
     import json
 
@@ -250,12 +253,14 @@ def write_all(out_dir: Path, reports: Mapping[str, object]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"csv": write_csv(out_dir / "metrics.csv", reports)}
     md = out_dir / "metrics.md"
-    md.write_text("# Evaluation\n\n" + markdown_table(reports) + notes_markdown(reports))
+    md.write_text("# Evaluation\n\n" + markdown_table(reports, test_set) + notes_markdown(reports))
     written["markdown"] = md
     summary = {s.name: {"mean": json_number(s.mean), "std": json_number(s.std), "n": s.n, "better": better(s.name)}
                for s in summarise(reports)}
     js = out_dir / "metrics.json"
-    js.write_text(json.dumps({"summary": summary, "samples": {k: to_dict(r) for k, r in reports.items()}},
+    pooled = {name: {"value": json_number(v), "n": n, "better": better(name)} for name, (v, n) in (test_set or {}).items()}
+    js.write_text(json.dumps({"summary": summary, "test_set": pooled,
+                              "samples": {k: to_dict(r) for k, r in reports.items()}},
                              indent=1, allow_nan=False) + "\n")
     written["json"] = js
     for key, plot, name in (("bars", plot_per_sample, "per_sample.png"), ("offsets", plot_offsets, "av_offset.png")):

@@ -173,6 +173,45 @@ def fid(generated: torch.Tensor, reference: torch.Tensor, weights: str, device: 
     return fid_from_network(generated, reference, load_fid_inception(weights, device), FID_SIZE, device)
 
 
+class PooledFrechet:
+    """FID / FVD as papers report them for a test set: ONE Fréchet distance between the features of every generated
+    sample and every reference sample, pooled, instead of a mean of per-sample distances (each from few frames, so
+    rank-deficient and biased upwards). Feed it sample by sample with `add`; only features are kept in memory."""
+
+    def __init__(self, fid_network: Callable | None = None, fvd_network: Callable | None = None, device="cpu",
+                 fid_size: int = FID_SIZE, fvd_size: int = FVD_SIZE, clip: int = FVD_CLIP):
+        self.extract = {}
+        if fid_network is not None:
+            self.extract["fid"] = lambda frames: image_features(frames, fid_network, fid_size, device)
+        if fvd_network is not None:
+            self.extract["fvd"] = lambda frames: clip_features(frames, fvd_network, clip, fvd_size, device)
+        self.features = {name: ([], []) for name in self.extract}
+
+    @classmethod
+    def from_weights(cls, inception: str | None = None, i3d: str | None = None, device: str = "cpu"):
+        return cls(load_fid_inception(inception, device) if inception else None,
+                   load_i3d(i3d, device) if i3d else None, device)
+
+    def add(self, generated: torch.Tensor, reference: torch.Tensor) -> None:
+        for name, (gen, ref) in self.features.items():
+            try:
+                gen_f, ref_f = self.extract[name](generated), self.extract[name](reference)
+            except MetricSkipped:  # too short for one FVD clip: this sample adds nothing to the pool
+                continue
+            gen.append(gen_f)
+            ref.append(ref_f)
+
+    def values(self) -> dict[str, tuple[float, int]]:
+        """metric -> (pooled distance, feature rows per side); a metric with under 2 rows a side is left out."""
+        out = {}
+        for name, (gen, ref) in self.features.items():
+            if gen:
+                g, r = torch.cat(gen), torch.cat(ref)
+                if min(len(g), len(r)) >= 2:
+                    out[name] = (frechet_from_features(g, r), min(len(g), len(r)))
+        return out
+
+
 # --- FVD ---------------------------------------------------------------------------------------------------------
 
 def clip_features(frames: torch.Tensor, network: Callable, clip: int = FVD_CLIP, size: int = FVD_SIZE,
