@@ -12,7 +12,7 @@ import torch
 from evaluate_media import media_frames, need
 
 from narrate_model.errors import CheckpointError
-from narrate_model.evaluate import MetricModels, evaluate_sync, evaluate_video, syncnet, video
+from narrate_model.evaluate import MetricModels, MetricSkipped, evaluate_sync, evaluate_video, syncnet, video
 
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -205,3 +205,32 @@ def test_test_set_fid_and_fvd_pool_the_features_of_every_sample():
 
         written = write_all(Path(tmp), reports, values)
         assert json.loads(written["json"].read_text())["test_set"]["fvd"]["n"] == 6
+
+
+def test_syncnet_face_crop_follows_the_recipe_geometry():
+    """syncnet_python's crop_video: rows cy - s .. cy + 1.8 s, columns cx - 1.4 s .. cx + 1.4 s of the frame padded
+    with grey 110 (s = half the larger box side, median-filtered over 13 frames), resized to 224."""
+    frames = torch.zeros(13, 200, 300, 3)
+    frames[:, 80:120, 130:170] = 1.0  # a white 40x40 "face" centred at (150, 100)
+    boxes = np.array([[130.0, 80.0, 170.0, 120.0]] * 13)
+    crops = syncnet.face_crops(frames, boxes)
+    assert crops.shape == (13, 224, 224, 3)
+    # s = 20: the crop spans x 122..178 (56 px) and y 80..136 (56 px); the face fills x 8..48, y 0..40 of it
+    expected = torch.zeros(56, 56, 3)
+    expected[0:40, 8:48] = 1.0
+    expected = torch.nn.functional.interpolate(expected.permute(2, 0, 1)[None], size=(224, 224), mode="bilinear",
+                                               align_corners=False)[0].permute(1, 2, 0)
+    torch.testing.assert_close(crops[6], expected)  # the middle frame: its 13-frame filter window is all track
+    # a frame without a face takes its neighbours' box; a box at the border reaches into the grey padding
+    boxes[6] = np.nan
+    boxes[:, [0, 2]] -= 130  # the face box now starts at x = 0
+    crops = syncnet.face_crops(frames, boxes)
+    assert crops[6, 112, 0].tolist() == pytest.approx([110 / 255] * 3)
+    # broken variant: a crop centred on the box (not the recipe's downward-shifted one) misses the expected image
+    centred = frames[0, 72:128, 122:178].permute(2, 0, 1)[None]
+    centred = torch.nn.functional.interpolate(centred, size=(224, 224), mode="bilinear", align_corners=False)
+    assert not torch.allclose(centred[0].permute(1, 2, 0), expected)
+    with pytest.raises(MetricSkipped, match="no face"):
+        syncnet.face_crops(frames, np.full((13, 4), np.nan))
+    with pytest.raises(MetricSkipped, match="at least 13 frames"):
+        syncnet.face_crops(frames[:5], boxes[:5])

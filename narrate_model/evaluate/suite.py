@@ -166,9 +166,20 @@ def evaluate_sync(frames: torch.Tensor, audio: Audio, fps: float, models: Metric
     if speech.is_silent(wav):
         report.notes.append("lse_c/lse_d/lipsync_proxy_corr skipped: the audio is silent (below -60 dBFS)")
         return report
+    track, no_track = None, "no face track"
+    if models.landmarker:  # one landmarking pass feeds SyncNet's face crop and the proxy
+        try:
+            track = sync.face_track(video, models.landmarker, fps, progress)
+        except MetricSkipped as why:
+            no_track = str(why)
+
     def lse():
-        result = syncnet.lse(video, wav, sr, fps, _need(models.syncnet, "SyncNet weights", syncnet.SYNCNET_HELP),
-                             models.device)
+        weights = _need(models.syncnet, "SyncNet weights", syncnet.SYNCNET_HELP)
+        if track is None:
+            report.notes.append("lse_d/lse_c: no face track (no landmarker), frames used whole instead of the "
+                                "recipe's face crop")
+        result = syncnet.lse(video, wav, sr, fps, weights, models.device,
+                             None if track is None else track.boxes)
         report.extra["syncnet_offset_frames"] = result["syncnet_offset_frames"]
         report.extra["syncnet_curve"] = result["syncnet_curve"]
         return {"lse_d": result["lse_d"], "lse_c": result["lse_c"]}
@@ -177,7 +188,9 @@ def evaluate_sync(frames: torch.Tensor, audio: Audio, fps: float, models: Metric
     def proxy():
         path = _need(models.landmarker, "MediaPipe face landmarker",
                      "give MetricModels.landmarker the path of face_landmarker.task")
-        result = sync.lipsync_proxy(video, wav, sr, fps, path, notes=report.notes, progress=progress)
+        if track is None:
+            raise MetricSkipped(no_track)
+        result = sync.lipsync_proxy(video, wav, sr, fps, path, notes=report.notes, opening=track.opening)
         report.extra["av_offset_frames"] = result.offset_frames
         report.extra["lag_curve"] = result.lag_curve
         return result.correlation

@@ -41,14 +41,20 @@ def _video_landmarker(path: str):
     return vision.FaceLandmarker.create_from_options(options)
 
 
-def mouth_opening(frames: torch.Tensor, landmarker_path: str, fps: float = 25.0, progress=None) -> np.ndarray:
-    """Per frame, the inner-lip gap (MediaPipe face-mesh points 13-14) divided by the outer eye-corner distance
-    (33-263) so that it does not depend on the face size; NaN where no face is found."""
+@dataclass
+class FaceTrack:
+    """One landmarking pass over a clip, shared by the proxy and SyncNet's face crop. NaN where no face is found."""
+    opening: np.ndarray                 # [N] inner-lip gap / outer eye-corner distance (size independent)
+    boxes: np.ndarray                   # [N, 4] face-mesh bounding box x0, y0, x1, y1 in the frames' pixels
+
+
+def face_track(frames: torch.Tensor, landmarker_path: str, fps: float = 25.0, progress=None) -> FaceTrack:
+    """Landmark every frame (at most DETECT_SIDE pixels a side) with MediaPipe in VIDEO mode."""
     import cv2
     import mediapipe as mp
 
     frames = torch.as_tensor(frames)
-    out = np.full(len(frames), np.nan)
+    opening, boxes = np.full(len(frames), np.nan), np.full((len(frames), 4), np.nan)
     scale = min(1.0, DETECT_SIDE / max(frames.shape[1:3]))
     landmarker = _video_landmarker(str(landmarker_path))
     try:
@@ -63,12 +69,19 @@ def mouth_opening(frames: torch.Tensor, landmarker_path: str, fps: float = 25.0,
             if faces:
                 points = np.array([[p.x * rgb.shape[1], p.y * rgb.shape[0]] for p in faces[0]])
                 eyes = np.linalg.norm(points[LEFT_EYE_OUTER] - points[RIGHT_EYE_OUTER])
-                out[i] = np.linalg.norm(points[UPPER_INNER_LIP] - points[LOWER_INNER_LIP]) / max(eyes, 1e-6)
+                opening[i] = np.linalg.norm(points[UPPER_INNER_LIP] - points[LOWER_INNER_LIP]) / max(eyes, 1e-6)
+                boxes[i] = np.concatenate([points.min(0), points.max(0)]) / scale
             if progress is not None:
                 progress(i + 1, len(frames))
     finally:
         landmarker.close()
-    return out
+    return FaceTrack(opening, boxes)
+
+
+def mouth_opening(frames: torch.Tensor, landmarker_path: str, fps: float = 25.0, progress=None) -> np.ndarray:
+    """Per frame, the inner-lip gap (MediaPipe face-mesh points 13-14) divided by the outer eye-corner distance
+    (33-263) so that it does not depend on the face size; NaN where no face is found."""
+    return face_track(frames, landmarker_path, fps, progress).opening
 
 
 def speech_envelope(wav: np.ndarray, sr: int, fps: float, n_frames: int) -> np.ndarray:

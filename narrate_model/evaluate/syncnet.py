@@ -9,9 +9,12 @@ windows is a distance-per-offset curve. LSE-D is its minimum, LSE-C its median m
 the minimum the A/V offset, reported with this pack's sign (positive = audio late), the opposite of the sign
 syncnet_python prints.
 
-Difference from the recipe: syncnet_python first detects and crops the face with S3FD (a 1.4x box, resized to
-224); here the frames are used whole, resized to 224x224, which suits face-centred talking-head output (Hallo's
-512x512 frames). Crop generated and reference frames the same way before comparing LSE numbers across systems.
+Face crop: syncnet_python's pipeline detects the face with S3FD, median-filters the track (13 frames) of the box
+centre and half-size s = max(w, h) / 2, pads the frame with grey 110 and cuts rows cy - s .. cy + 1.8 s and columns
+cx - 1.4 s .. cx + 1.4 s (crop_scale 0.4), resized to 224. `face_crops` does the same with the MediaPipe face-mesh
+box instead of S3FD's (this pack has no S3FD; the mesh box is a little taller, from the brow to the chin), so LSE
+here is close to, not identical with, published LSE. Without a face track the frames are used whole (noted).
+Compare systems only with numbers computed the same way.
 """
 from __future__ import annotations
 
@@ -127,6 +130,42 @@ def mfcc(samples: np.ndarray) -> np.ndarray:
     return feats
 
 
+CROP_SCALE, TRACK_FILTER, PAD_GREY = 0.4, 13, 110
+
+
+def _median_filter(x: np.ndarray, k: int) -> np.ndarray:
+    """scipy.signal.medfilt's zero-padded running median of odd width k."""
+    half = k // 2
+    padded = np.pad(x, half)
+    return np.array([np.median(padded[i:i + k]) for i in range(len(x))])
+
+
+def face_crops(frames: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+    """IMAGE [N, H, W, 3] 0..1 + per-frame face boxes [N, 4] (x0, y0, x1, y1 px; NaN rows = no face, filled from
+    the nearest frames) -> [N, 224, 224, 3] crops as syncnet_python's crop_video cuts them (module docstring)."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if len(boxes) < TRACK_FILTER:  # the zero-padded filter would shrink a shorter track's boxes towards 0
+        raise MetricSkipped(f"SyncNet's face crop needs a face track of at least {TRACK_FILTER} frames")
+    found = ~np.isnan(boxes).any(1)
+    if not found.any():
+        raise MetricSkipped("no face found in any frame for SyncNet's face crop")
+    idx = np.arange(len(boxes))
+    boxes = np.stack([np.interp(idx, idx[found], boxes[found, j]) for j in range(4)], 1)
+    size = _median_filter(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2, TRACK_FILTER)
+    cx = _median_filter((boxes[:, 0] + boxes[:, 2]) / 2, TRACK_FILTER)
+    cy = _median_filter((boxes[:, 1] + boxes[:, 3]) / 2, TRACK_FILTER)
+    out = []
+    for i, frame in enumerate(frames):
+        s, pad = size[i], int(size[i] * (1 + 2 * CROP_SCALE))
+        image = F.pad(frame.float().permute(2, 0, 1), (pad, pad, pad, pad), value=PAD_GREY / 255)
+        y, x = cy[i] + pad, cx[i] + pad
+        face = image[:, int(y - s):int(y + s * (1 + 2 * CROP_SCALE)),
+                     int(x - s * (1 + CROP_SCALE)):int(x + s * (1 + CROP_SCALE))]
+        out.append(F.interpolate(face[None], size=(SYNCNET_SIZE, SYNCNET_SIZE), mode="bilinear",
+                                 align_corners=False)[0].permute(1, 2, 0))
+    return torch.stack(out)
+
+
 def lse_from_network(frames: torch.Tensor, wav: np.ndarray, sr: int, fps: float, network: SyncNet,
                      device: str = "cpu", vshift: int = SYNCNET_VSHIFT, batch: int = 20) -> dict:
     """LSE-D, LSE-C and the offset for IMAGE frames [N, H, W, 3] 0..1 and a mono waveform, with any SyncNet-shaped
@@ -159,7 +198,11 @@ def lse_from_network(frames: torch.Tensor, wav: np.ndarray, sr: int, fps: float,
             "syncnet_offset_frames": best - vshift, "syncnet_curve": [float(v) for v in curve]}
 
 
-def lse(frames: torch.Tensor, wav: np.ndarray, sr: int, fps: float, weights: str, device: str = "cpu") -> dict:
+def lse(frames: torch.Tensor, wav: np.ndarray, sr: int, fps: float, weights: str, device: str = "cpu",
+        boxes: np.ndarray | None = None) -> dict:
     """LSE-D (lower is better, range [0, inf)) and LSE-C (higher is better, [0, inf)) with syncnet_v2.model, plus
-    "syncnet_offset_frames" and "syncnet_curve" (see lse_from_network)."""
+    "syncnet_offset_frames" and "syncnet_curve" (see lse_from_network). With face `boxes` the frames are cropped as
+    the recipe does (face_crops) first."""
+    if boxes is not None:
+        frames = face_crops(frames, boxes)
     return lse_from_network(frames, wav, sr, fps, load_syncnet(weights, device), device)
