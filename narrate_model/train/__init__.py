@@ -1,0 +1,1 @@
+"""Training: data preparation, losses and the fine-tuning loop."""
