@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 from narrate_model.client import ComfyClient as _Client
@@ -48,6 +49,7 @@ class WebSocketLog:
     def __init__(self, client: ComfyClient):
         self.client = client
         self.messages: list[dict] = []
+        self.times: list[float] = []  # when each message arrived (time.time()), for latency measurements
         self._stop = threading.Event()
         self._ready = threading.Event()
 
@@ -69,6 +71,7 @@ class WebSocketLog:
                 except asyncio.TimeoutError:
                     continue
                 if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.times.append(time.time())
                     self.messages.append(json.loads(msg.data))
                 elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     break
