@@ -18,6 +18,7 @@ from narrate_model.client import ComfyClient as _Client
 from narrate_model.client import ExecutionFailed, HeadlessServer, messages_of  # noqa: F401 (re-exported)
 
 PACK_NAME = "comfyui-narrating-for-you"  # a clone's usual folder name: not a valid identifier, like users' folders
+PROGRESS_TEXT = (3).to_bytes(4, "big")  # ComfyUI's binary event type for a node's progress text
 NETGUARD = Path(__file__).resolve().parent / "netguard"
 
 
@@ -50,6 +51,7 @@ class WebSocketLog:
         self.client = client
         self.messages: list[dict] = []
         self.times: list[float] = []  # when each message arrived (time.time()), for latency measurements
+        self.texts: list[tuple[str, str]] = []  # (node id, text) of the progress-text messages nodes send
         self._stop = threading.Event()
         self._ready = threading.Event()
 
@@ -73,6 +75,9 @@ class WebSocketLog:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     self.times.append(time.time())
                     self.messages.append(json.loads(msg.data))
+                elif msg.type == aiohttp.WSMsgType.BINARY and msg.data[:4] == PROGRESS_TEXT:
+                    node_length = int.from_bytes(msg.data[4:8], "big")
+                    self.texts.append((msg.data[8:8 + node_length].decode(), msg.data[8 + node_length:].decode()))
                 elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     break
 
