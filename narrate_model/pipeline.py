@@ -177,8 +177,11 @@ def narrate_to_mp4(models: NarrationModels, image: torch.Tensor, voice_clips: li
     features = listen(models.wav2vec, audio, settings.fps, progress)
     clips = animate(models.hallo, face, features, settings.video, models.vae_encode, models.vae_decode, progress)
     decoded = (models.vae_decode(part) for latents in clips for part in latents.split(DECODE_BATCH))
-    av.write_mp4(path, decoded, settings.fps, audio["waveform"][0], audio["sample_rate"],
-                 total_frames=features.num_frames, crf=crf, progress=progress)
+    try:
+        av.write_mp4(path, decoded, settings.fps, audio["waveform"][0], audio["sample_rate"],
+                     total_frames=features.num_frames, crf=crf, progress=progress)
+    finally:
+        clips.close()  # if writing stopped early: unhooks the Cancel checks from the video model now, not at GC
     notes = voice.warnings + face_notes(face) + tokens.warnings
     return Narration(path, audio, features.num_frames, av.exact_fps(settings.fps), len(chunk_starts), chunk_starts,
                      notes)

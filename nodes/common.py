@@ -194,7 +194,6 @@ def output_mp4(prefix: str, width: int, height: int) -> tuple[str, dict]:
     names that start with the prefix's last part, so a prefix ending in '/' would always get 00001)."""
     out_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(
         prefix, folder_paths.get_output_directory(), width, height)
-    name = name or "video"  # a prefix that is only a folder ('myvids/') names the files after the folder's content
     while True:
         filename = f"{name}_{counter:05}_.mp4"
         path = os.path.join(out_dir, filename)

@@ -13,7 +13,8 @@ from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
 from .common import (CATEGORY, ENTANGLER, FACE, HALLO, TOKENS, VOICE, WAV2VEC, XTTS, checkpoint_choices,
-                     checkpoint_errors, first_image, input_errors, licence_of, locate_checkpoint, output_mp4, progress_bar, registry_help)
+                     checkpoint_errors, first_image, input_errors, licence_of, locate_checkpoint, output_mp4,
+                     progress_bar, registry_help)
 from .video import LANDMARKER_DEFAULT, IDENTITY_MODEL, vae_callables
 
 UNTRAINED = {"untrained identity (ETE)": "ETE", "untrained identity (STE)": "STE"}
@@ -56,7 +57,8 @@ class LoadEntangler(io.ComfyNode):
     def execute(cls, entangler) -> io.NodeOutput:
         if entangler in UNTRAINED:
             return io.NodeOutput(EntanglerHandle(None, UNTRAINED[entangler]),
-                                 ui={"text": [f"{entangler}: built here, no weights file, no licence terms"]})
+                                 ui={"text": [f"{entangler}: built by the pack, no weights file; under the "
+                                                       "pack's own Apache-2.0 licence"]})
         path = locate_checkpoint("Load Entangler", "entangler", "narrate_entangle", entangler)
         with checkpoint_errors("Load Entangler", "entangler"):
             mode = load_entangler(path).config.mode  # read once here so a bad file fails at the loader

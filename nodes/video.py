@@ -12,7 +12,8 @@ from ..narrate_model.hallo.audio import load_wav2vec
 from ..narrate_model.hallo.checkpoint import load_hallo
 from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
 from .common import (AUDIO_FEATURES, CATEGORY, FACE, HALLO, WAV2VEC, checkpoint_choices, checkpoint_errors,
-                     first_image, input_errors, licence_of, load_to_device, locate_checkpoint, patcher, progress_bar, registry_help)
+                     first_image, input_errors, licence_of, load_to_device, locate_checkpoint, patcher, progress_bar,
+                     registry_help)
 
 HALLO_DEFAULT = "net.pth"
 WAV2VEC_DEFAULT = "wav2vec2-base-960h"

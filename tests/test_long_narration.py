@@ -39,7 +39,8 @@ def peak_live_frames(models, path) -> tuple[int, int]:
 
     models.vae_decode = watched
     try:
-        settings = pipeline.NarrationSettings(fps=Fraction(25), size=64, speech=SamplingParams(seed=1, max_new_tokens=30),
+        settings = pipeline.NarrationSettings(fps=Fraction(25), size=64,
+                                              speech=SamplingParams(seed=1, max_new_tokens=30),
                                               video=SamplerSettings(steps=1, cfg=3.5, seed=1))
         with torch.inference_mode():
             result = pipeline.narrate_to_mp4(models, portrait(), [voice_clip()], "One sentence to say.",

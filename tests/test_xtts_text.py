@@ -211,7 +211,8 @@ def test_emoji_symbols_or_punctuation_alone_are_refused_naming_the_input(tok, un
 
 
 def test_mostly_unknown_tokens_warn_and_ordinary_text_does_not(tok):
-    unknown = tokenize(tok, "\u0a38\u0a24 \u0a38\u0a4d\u0a30\u0a40 \u0a05\u0a15\u0a3e\u0a32 a", "en")  # Gurmukhi: not in the vocab
+    gurmukhi = "\u0a38\u0a24 \u0a38\u0a4d\u0a30\u0a40 \u0a05\u0a15\u0a3e\u0a32 a"  # a script the vocab lacks
+    unknown = tokenize(tok, gurmukhi, "en")
     assert any("unknown to the model" in w for w in unknown.warnings), unknown.warnings
     plain = tokenize(tok, "This sentence is spoken as it is written here.", "en")
     assert plain.warnings == [] and plain.max_codes is None
