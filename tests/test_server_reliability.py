@@ -85,6 +85,7 @@ def test_a_prefix_ending_in_a_slash_never_overwrites(comfy_server, comfy):
               "4": {"class_type": "NFY_AVMux", "inputs": {"images": ["3", 0], "audio": ["2", 1], "fps": ["2", 2],
                                                          "filename_prefix": "myvids/", "crf": 30}}}
     output = comfy_server.base / "output"
+    output.mkdir(exist_ok=True)  # a fresh server creates it only when something is saved
     (output / "myvids_00002_.mp4").write_bytes(b"someone's video")  # a name the counter would reach next
     names = []
     for crf in (30, 31, 32):  # a changed input, so the node runs again
