@@ -66,11 +66,18 @@ def _to_uint8_rgb(frames: torch.Tensor) -> np.ndarray:
     return (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
+def partial_path(path: str) -> str:
+    """Where the writer puts a file while it is being written."""
+    return os.path.splitext(path)[0] + ".partial.mp4"
+
+
 class Mp4Writer:
     """Writes an .mp4 (h264 + aac) chunk by chunk. Use as a context manager; `add_frames` takes IMAGE chunks.
 
-    The file is written as '<name>.partial.mp4' and renamed when complete; if encoding fails or is cancelled the
-    partial file is closed cleanly (playable up to where it got) and left for the user.
+    The file is written as '<name>.partial.mp4' and moved to its name only when complete. It never replaces a file:
+    an existing target is refused up front, and the final move is a hard link, which fails rather than overwrite.
+    If encoding fails or is cancelled, the unfinished file is removed (a half-written video would carry the whole
+    soundtrack over a few frames and never show up in ComfyUI), and a note saying so is added to the exception.
     """
 
     def __init__(self, path: str, fps: FpsLike, audio: torch.Tensor | None, sample_rate: int | None,
@@ -78,8 +85,10 @@ class Mp4Writer:
         self.path = path
         self.fps = exact_fps(fps)
         self.total_frames = total_frames
-        self.partial = os.path.splitext(path)[0] + ".partial.mp4"
-        self.container = av.open(self.partial, mode="w", format="mp4")
+        self.partial = partial_path(path)
+        for existing in (path, self.partial):
+            if os.path.exists(existing):
+                raise FileExistsError(f"{existing} already exists; the video writer never replaces a file")
         self.video = None
         self.crf = crf
         self.frames_written = 0
@@ -91,6 +100,7 @@ class Mp4Writer:
             self.audio = audio.clamp(-1, 1).cpu().numpy().astype(np.float32)
             self.sample_rate = sample_rate
             self.audio_written = 0
+        self.container = av.open(self.partial, mode="w", format="mp4")
 
     def __enter__(self):
         return self
@@ -135,17 +145,37 @@ class Mp4Writer:
         self.audio_written = end
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._discard(exc)
+            return False
         if self.video is not None:
             self.container.mux(self.video.encode(None))
         if self.audio is not None and self.video is not None:
             self._add_audio_until(self.audio.shape[1])
             self.container.mux(self.audio_stream.encode(None))
         self.container.close()
-        if exc_type is None:
-            if self.frames_written != self.total_frames:
-                raise RuntimeError(f"wrote {self.frames_written} frames, expected {self.total_frames}")
-            os.replace(self.partial, self.path)
+        if self.frames_written != self.total_frames:
+            error = RuntimeError(f"wrote {self.frames_written} frames, expected {self.total_frames}")
+            self._discard(error)
+            raise error
+        try:
+            os.link(self.partial, self.path)  # FileExistsError instead of replacing a file that appeared meanwhile
+        except FileExistsError as error:
+            self._discard(error)
+            raise
+        os.remove(self.partial)
         return False
+
+    def _discard(self, exc: BaseException | None) -> None:
+        try:
+            self.container.close()
+        except Exception:  # noqa: BLE001 - the file goes anyway; the original error is the one to report
+            pass
+        if os.path.exists(self.partial):
+            os.remove(self.partial)
+        if exc is not None:
+            exc.add_note(f"the unfinished video {os.path.basename(self.path)} was removed after "
+                         f"{self.frames_written} of {self.total_frames} frames; no video was saved")
 
 
 def write_mp4(path: str, frames: Union[torch.Tensor, Iterable[torch.Tensor]], fps: FpsLike,

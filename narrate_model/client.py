@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -119,13 +120,14 @@ class HeadlessServer:
         self.cmd = [python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
                     *(["--base-directory", str(base_directory)] if base_directory else []), *extra_args]
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.log_path = Path(log_path) if log_path else None
+        # the server's output always goes to a file: when it fails to start, its last lines say why
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="comfyui-log-")) / "server.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> "HeadlessServer":
-        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.cmd, cwd=self.comfyui_dir, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=self.comfyui_dir, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -139,7 +141,7 @@ class HeadlessServer:
         raise RuntimeError(f"ComfyUI did not answer /system_stats within {timeout} s:\n{self.log()[-4000:]}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -65,6 +65,41 @@ def _workflow(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def gpu_visible() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available())
+
+
+def headless_args(extra: list[str]) -> list[str]:
+    """The headless ComfyUI's arguments: `--cpu` is added when torch sees no GPU, as ComfyUI would otherwise stop
+    at start-up looking for CUDA."""
+    if "--cpu" in extra or gpu_visible():
+        return extra
+    print("torch sees no GPU here: starting ComfyUI with --cpu (slow; fine for a first try)", file=sys.stderr)
+    return ["--cpu", *extra]
+
+
+def require_pack(client: ComfyClient, prompt: dict, server: HeadlessServer | None) -> None:
+    """Fails with what to do when the ComfyUI does not know the workflow's nodes of this pack."""
+    ours = sorted({n["class_type"] for n in prompt.values() if n["class_type"].startswith("NFY_")})
+    known = client.object_info()
+    if all(name in known for name in ours):
+        return
+    pack = Path(__file__).resolve().parents[1]
+    where = server.comfyui_dir if server else "your ComfyUI folder"
+    log = server.log() if server else ""
+    failed = [line.strip() for line in log.splitlines() if "(IMPORT FAILED)" in line]
+    if failed:
+        raise ExecutionFailed(f"ComfyUI could not import some custom nodes ({'; '.join(failed)}); the end of its "
+                              f"log:\n{log[-4000:]}")
+    raise ExecutionFailed(
+        f"the Narrating For You nodes are not installed in the ComfyUI at {client.url} (missing: {', '.join(ours)}). "
+        f"Install the pack into it, then run this again:\n  ln -s {pack} {where}/custom_nodes/\n"
+        f"  {sys.executable} -m pip install -r {pack / 'requirements.txt'}")
+
+
 def run(args) -> int:
     prompt = _workflow(args.workflow)
     text = args.text_file.read_text() if args.text_file else args.text
@@ -82,13 +117,14 @@ def run(args) -> int:
         settings[key] = _value(value)
 
     server = None
-    if args.comfyui:
-        server = HeadlessServer(args.comfyui, shlex.split(args.comfyui_args)).start()
-        url = server.url
-    else:
-        url = args.server or "http://127.0.0.1:8188"
     try:
+        if args.comfyui:
+            server = HeadlessServer(args.comfyui, headless_args(shlex.split(args.comfyui_args))).start()
+            url = server.url
+        else:
+            url = args.server or "http://127.0.0.1:8188"
         client = ComfyClient(url)
+        require_pack(client, prompt, server)
         uploads = {"LoadAudio": client.upload(args.voice)}
         if args.image:
             uploads["LoadImage"] = client.upload(args.image)
@@ -100,7 +136,7 @@ def run(args) -> int:
             raise ExecutionFailed("the workflow finished without a saved video or audio")
         out = args.out if saved[0]["filename"].endswith(".mp4") else args.out.with_suffix(".flac")
         out.write_bytes(client.view(saved[0]))
-    except ExecutionFailed as exc:
+    except (ExecutionFailed, RuntimeError) as exc:  # RuntimeError: the headless server did not start
         print(exc, file=sys.stderr)
         return 1
     finally:

@@ -23,12 +23,14 @@ from .entangle import Entangler, EntanglerConfig, FaceConditioning, VoiceConditi
 from .hallo.audio import AudioFeatures, speech_features
 from .hallo.face import FaceEncoding, encode_face
 from .hallo.sampler import SamplerSettings, iter_video_clips
-from .progress import ProgressFn, report
+from .errors import NarrateInputError
+from .progress import ProgressFn, checked, report
 from .xtts.sampling import SamplingParams
 from .xtts.speech import join_chunks, synthesize, vocode_chunks
 from .xtts.text import TextTokens, tokenize
 from .xtts.voice import VoiceProfile, encode_voice
 
+DECODE_BATCH = 4  # frames decoded at a time while streaming: a Cancel check (and a written frame) between batches
 VaeEncode = Callable[[torch.Tensor], torch.Tensor]  # IMAGE [N,H,W,3] 0..1 -> unscaled latents [N,4,h,w]
 VaeDecode = Callable[[torch.Tensor], torch.Tensor]  # unscaled latents -> IMAGE
 
@@ -59,11 +61,23 @@ class NarrationSettings:
 
 # --- the stages --------------------------------------------------------------------------------------------------
 
+def check_size(size: int) -> None:
+    """The video side must be a multiple of 64: the sampler's masks and latents are built on a 1/64 grid (the
+    widgets step by 64, but the HTTP API accepts any number, which would fail late with a mask-shape error)."""
+    if size < 64 or size % 64:
+        raise NarrateInputError("size", f"the video size {size} is not a multiple of 64; use e.g. "
+                                        f"{max(64, size // 64 * 64)}")
+
+
 def prepare_face(image: torch.Tensor, landmarker: str, vae_encode: VaeEncode, size: int = 512,
-                 identity_model: Optional[str] = None) -> FaceEncoding:
+                 identity_model: Optional[str] = None, progress: ProgressFn = None) -> FaceEncoding:
     """Face / landmark encoding plus the VAE reference latent of the square portrait at the video size."""
+    check_size(size)
+    report(progress, 0, 2)
     face = encode_face(image, landmarker, identity_model)
+    report(progress, 1, 2)
     face.reference_latent = vae_encode(face.image(size)).float().cpu()
+    report(progress, 2, 2)
     return face
 
 
@@ -99,7 +113,7 @@ def speak(xtts, tokens: TextTokens, voice: VoiceProfile, params: SamplingParams,
           progress: ProgressFn = None) -> tuple[dict, list[float]]:
     """Text chunks -> one 24 kHz AUDIO track in the voice, and the second at which each chunk starts."""
     speech = synthesize(xtts, tokens, voice, params, progress)
-    pieces = vocode_chunks(xtts, speech, voice)
+    pieces = vocode_chunks(xtts, speech, voice, progress)
     rate = speech.sample_rate
     starts = [n / rate for n in accumulate((p.numel() for p in pieces[:-1]), initial=0)]
     return {"waveform": join_chunks(pieces, rate).view(1, 1, -1), "sample_rate": rate}, starts
@@ -109,7 +123,8 @@ def listen(wav2vec, audio: dict, fps, progress: ProgressFn = None) -> AudioFeatu
     """Speech -> per-frame wav2vec2 windows. The frame count is ceil(seconds x fps) of the audio as given (not of
     its 16 kHz resampling, whose length can round up by a sample)."""
     waveform, rate = audio["waveform"][0], audio["sample_rate"]
-    features = speech_features(wav2vec, waveform, rate, av.exact_fps(fps), progress=progress)
+    with checked(wav2vec, progress) as progress:  # one pass over the whole speech: checked between its layers
+        features = speech_features(wav2vec, waveform, rate, av.exact_fps(fps), progress=progress)
     return replace(features, num_frames=av.frame_count(waveform.shape[-1], rate, fps))
 
 
@@ -119,9 +134,10 @@ def animate(hallo, face: FaceEncoding, features: AudioFeatures, settings: Sample
     if face.reference_latent is None:
         raise ValueError("the face has no reference latent: encode the portrait with the VAE first")
     size = face.reference_latent.shape[-1] * 8
-    return iter_video_clips(hallo, face.sampler_inputs(size), features.windows[:features.num_frames],
-                            face.reference_latent, settings, vae_encode=vae_encode, vae_decode=vae_decode,
-                            progress=progress)
+    with checked(hallo, progress) as progress:  # a denoising step is one long pass: checked between its blocks
+        yield from iter_video_clips(hallo, face.sampler_inputs(size), features.windows[:features.num_frames],
+                                    face.reference_latent, settings, vae_encode=vae_encode,
+                                    vae_decode=vae_decode, progress=progress)
 
 
 # --- the whole narration -----------------------------------------------------------------------------------------
@@ -134,6 +150,7 @@ class Narration:
     fps: Fraction
     chunks: int  # sentence chunks spoken
     chunk_starts: list[float]  # the second at which each chunk's speech starts
+    notes: list[str] = field(default_factory=list)  # what the stage nodes would show: voice, face and text notes
 
 
 def narrate_to_mp4(models: NarrationModels, image: torch.Tensor, voice_clips: list, text: str, path: str,
@@ -141,21 +158,35 @@ def narrate_to_mp4(models: NarrationModels, image: torch.Tensor, voice_clips: li
                    crf: int = 19) -> Narration:
     """Portrait + voice clips [(waveform [C,T], rate)] + text -> an .mp4 with the cloned speech, streamed to disk.
 
-    Progress runs over speech codes, then denoising steps, then encoded frames (each stage's own totals)."""
-    voice = encode_voice(models.xtts, voice_clips, length_s=settings.max_voice_seconds,
-                         chunk_s=settings.voice_chunk_seconds, max_ref_s=settings.max_voice_seconds)
-    face = prepare_face(image, models.landmarker, models.vae_encode, settings.size, models.identity_model)
-    tokens = tokenize(models.tokenizer, text, settings.language)
+    Progress runs over each stage in turn with the stage's own totals (voice, face, speech codes, vocoder chunks,
+    speech-feature layers, denoising steps, encoded frames), and is called often enough inside every stage that a
+    caller's Cancel check in it stops the narration within a fraction of a second."""
+    tokens = tokenize(models.tokenizer, text, settings.language)  # first: a bad text fails before any model runs
+    check_size(settings.size)
+    with checked(models.xtts, progress) as voice_progress:
+        voice = encode_voice(models.xtts, voice_clips, length_s=settings.max_voice_seconds,
+                             chunk_s=settings.voice_chunk_seconds, max_ref_s=settings.max_voice_seconds)
+    report(voice_progress, 1, 1)
+    face = prepare_face(image, models.landmarker, models.vae_encode, settings.size, models.identity_model, progress)
     if models.entangler is not None:
         entangler = models.entangler
         if isinstance(entangler, str):
             entangler = identity_entangler(voice, face, entangler)
         voice, face = entangle(entangler, voice, face, tokens)
     audio, chunk_starts = speak(models.xtts, tokens, voice, settings.speech, progress)
-    features = listen(models.wav2vec, audio, settings.fps)
+    features = listen(models.wav2vec, audio, settings.fps, progress)
     clips = animate(models.hallo, face, features, settings.video, models.vae_encode, models.vae_decode, progress)
-    decoded = (models.vae_decode(latents) for latents in clips)
-    av.write_mp4(path, decoded, settings.fps, audio["waveform"][0], audio["sample_rate"],
-                 total_frames=features.num_frames, crf=crf)
-    report(progress, 1, 1)
-    return Narration(path, audio, features.num_frames, av.exact_fps(settings.fps), len(chunk_starts), chunk_starts)
+    decoded = (models.vae_decode(part) for latents in clips for part in latents.split(DECODE_BATCH))
+    try:
+        av.write_mp4(path, decoded, settings.fps, audio["waveform"][0], audio["sample_rate"],
+                     total_frames=features.num_frames, crf=crf, progress=progress)
+    finally:
+        clips.close()  # if writing stopped early: unhooks the Cancel checks from the video model now, not at GC
+    notes = voice.warnings + face_notes(face) + tokens.warnings
+    return Narration(path, audio, features.num_frames, av.exact_fps(settings.fps), len(chunk_starts), chunk_starts,
+                     notes)
+
+
+def face_notes(face: FaceEncoding) -> list[str]:
+    """What Face Encode shows about the portrait (the one-box Narrate shows the same)."""
+    return [f"{face.faces_found} face(s) found"] + face.notes

@@ -39,6 +39,14 @@ def _load_pickle(path: str):
             return torch.load(path, map_location="cpu", weights_only=True), foreign
 
 
+def refusal(path: Path, exc: Exception) -> str:
+    """Why a pickled checkpoint was not loaded: our sentence first (torch's own text can read like advice to turn
+    the safety check off), then torch's detail in full, never a cut-off prefix."""
+    return (f"{path.name} was not loaded: it is not a plain weights file (it would run code or build objects other "
+            f"than tensors when unpickled), or it is truncated or corrupt. Download the file again from its "
+            f"source, or use a .safetensors copy. Detail from torch ({type(exc).__name__}): {exc}")
+
+
 def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, notes): the flat tensor dict of a checkpoint file and what was unwrapped or dropped."""
     path = Path(path)
@@ -50,8 +58,7 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], di
     try:
         obj, foreign = _load_pickle(str(path))
     except Exception as exc:  # noqa: BLE001 - corrupt file, or pickled code that weights_only refuses
-        raise CheckpointError(f"{path.name} could not be read as a weights-only checkpoint ({type(exc).__name__}: "
-                              f"{str(exc)[:200]})") from exc
+        raise CheckpointError(refusal(path, exc)) from exc
     inner = ""
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -3,6 +3,7 @@ ComfyUI's memory management. Node modules stay thin by leaning on this file."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -12,6 +13,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..narrate_model import av
 from ..narrate_model.errors import CheckpointError, NarrateInputError
 
 CATEGORY = "Narrate"
@@ -57,23 +59,63 @@ def model_folder(name: str) -> str:
 
 
 def progress_bar(total: int):
-    """A library progress callback: advances ComfyUI's bar and raises if the user pressed Cancel."""
+    """A library progress callback: raises if the user pressed Cancel (checked on every call, which the library
+    makes often, down to every submodule of a long forward pass) and moves ComfyUI's bar when the numbers change."""
     bar = comfy.utils.ProgressBar(total)
+    shown = None
 
     def progress(done: int, total_now: int) -> None:
+        nonlocal shown
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total_now)
+        if (done, total_now) != shown:
+            shown = (done, total_now)
+            bar.update_absolute(done, total_now)
 
     return progress
 
 
+def _notes(e: BaseException) -> str:
+    return "".join(f" ({note})" for note in getattr(e, "__notes__", ()))
+
+
+def show_text(text: str) -> None:
+    """Text on the running node in the browser (ComfyUI's progress text), for what happens as it stops."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:  # an older ComfyUI without progress text: the log line below still says it
+        context = None
+    else:
+        context = get_executing_context()
+    if context is not None and PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, context.node_id)
+    logging.warning(text)
+
+
 @contextlib.contextmanager
 def input_errors(node_name: str):
-    """Re-raises library input errors with the node's name in front, so the user knows where to look."""
+    """Re-raises library input errors with the node's name in front, so the user knows where to look. Notes the
+    library adds to an exception as it stops (e.g. that an unfinished video was removed) reach the user too: in the
+    error message, or for a Cancel (which ComfyUI reports without a message) as text on the node."""
     try:
         yield
     except NarrateInputError as e:
-        raise ValueError(f"{node_name}: {e}") from e
+        raise ValueError(f"{node_name}: {e}{_notes(e)}") from e
+    except mm.InterruptProcessingException as e:
+        if getattr(e, "__notes__", None):
+            show_text(f"{node_name}: cancelled;{_notes(e)}")
+        raise
+    except Exception as e:
+        if not getattr(e, "__notes__", None):
+            raise
+        raise RuntimeError(f"{node_name}: {type(e).__name__}: {e}{_notes(e)}") from e
+
+
+def first_image(node_name: str, images: torch.Tensor, notes: list[str]) -> torch.Tensor:
+    """The portrait of an IMAGE batch: the first image, and a note saying so when the batch holds more."""
+    if images.shape[0] > 1:
+        notes.append(f"the image input is a batch of {images.shape[0]} images; {node_name} uses the first one")
+    return images[0]
 
 
 @contextlib.contextmanager
@@ -120,7 +162,7 @@ def checkpoint_choices(folder_name: str, marker: str | None = None, default: str
     return sorted(found | ({default} if default else set()))
 
 
-def locate_checkpoint(node_name: str, folder_name: str, choice: str, marker: str | None = None,
+def locate_checkpoint(node_name: str, input_name: str, folder_name: str, choice: str, marker: str | None = None,
                       how_to_get: str = "") -> str:
     """The full path of a dropdown choice; if it is not on disk, an error that says what goes where."""
     for base in folder_paths.get_folder_paths(folder_name):
@@ -129,7 +171,7 @@ def locate_checkpoint(node_name: str, folder_name: str, choice: str, marker: str
             return path
     where = os.path.join(model_folder(folder_name), choice)
     what = f"{where}{os.sep}{marker}" if marker else where
-    raise ValueError(f"{node_name}: input 'checkpoint': {what} is missing. {how_to_get}".strip())
+    raise ValueError(f"{node_name}: input '{input_name}': {what} is missing. {how_to_get}".strip())
 
 
 def registry_help(bundle: str) -> str:
@@ -148,8 +190,14 @@ def licence_of(key: str) -> str:
 
 
 def output_mp4(prefix: str, width: int, height: int) -> tuple[str, dict]:
-    """A new .mp4 path under ComfyUI's output folder (a counter keeps earlier files) and its UI/history entry."""
+    """A new .mp4 path under ComfyUI's output folder and its UI/history entry. Never an existing file: the counter
+    goes up until neither the file nor its unfinished '.partial' twin exists (ComfyUI's own counter only looks at
+    names that start with the prefix's last part, so a prefix ending in '/' would always get 00001)."""
     out_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(
         prefix, folder_paths.get_output_directory(), width, height)
-    filename = f"{name}_{counter:05}_.mp4"
-    return os.path.join(out_dir, filename), {"filename": filename, "subfolder": subfolder, "type": "output"}
+    while True:
+        filename = f"{name}_{counter:05}_.mp4"
+        path = os.path.join(out_dir, filename)
+        if not os.path.exists(path) and not os.path.exists(av.partial_path(path)):
+            return path, {"filename": filename, "subfolder": subfolder, "type": "output"}
+        counter += 1

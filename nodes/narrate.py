@@ -13,7 +13,8 @@ from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
 from .common import (CATEGORY, ENTANGLER, FACE, HALLO, TOKENS, VOICE, WAV2VEC, XTTS, checkpoint_choices,
-                     checkpoint_errors, input_errors, locate_checkpoint, output_mp4, progress_bar, registry_help)
+                     checkpoint_errors, first_image, input_errors, licence_of, locate_checkpoint, output_mp4,
+                     progress_bar, registry_help)
 from .video import LANDMARKER_DEFAULT, IDENTITY_MODEL, vae_callables
 
 UNTRAINED = {"untrained identity (ETE)": "ETE", "untrained identity (STE)": "STE"}
@@ -55,11 +56,13 @@ class LoadEntangler(io.ComfyNode):
     @classmethod
     def execute(cls, entangler) -> io.NodeOutput:
         if entangler in UNTRAINED:
-            return io.NodeOutput(EntanglerHandle(None, UNTRAINED[entangler]))
-        path = locate_checkpoint("Load Entangler", "narrate_entangle", entangler)
+            return io.NodeOutput(EntanglerHandle(None, UNTRAINED[entangler]),
+                                 ui={"text": [f"{entangler}: built by the pack, no weights file; under the "
+                                                       "pack's own Apache-2.0 licence"]})
+        path = locate_checkpoint("Load Entangler", "entangler", "narrate_entangle", entangler)
         with checkpoint_errors("Load Entangler", "entangler"):
             mode = load_entangler(path).config.mode  # read once here so a bad file fails at the loader
-        return io.NodeOutput(EntanglerHandle(path, mode))
+        return io.NodeOutput(EntanglerHandle(path, mode), ui={"text": [f"{entangler}: " + licence_of("entangle")]})
 
 
 class Entangle(io.ComfyNode):
@@ -176,7 +179,7 @@ class Narrate(io.ComfyNode):
     def execute(cls, xtts, hallo, wav2vec, vae, image, voice, text, language, fps, size, steps, cfg, scheduler,
                 temperature, speed, seed, max_codes, filename_prefix, entangler=None,
                 landmarker=LANDMARKER_DEFAULT) -> io.NodeOutput:
-        landmarker_path = locate_checkpoint("Narrate", "narrate_face_analysis", landmarker, None,
+        landmarker_path = locate_checkpoint("Narrate", "landmarker", "narrate_face_analysis", landmarker, None,
                                             registry_help("face-landmarker"))
         encode, decode = vae_callables(vae)
         models = pipeline.NarrationModels(
@@ -190,12 +193,14 @@ class Narrate(io.ComfyNode):
             video=SamplerSettings(steps=steps, cfg=cfg, seed=seed, scheduler=scheduler))
         path, saved = output_mp4(filename_prefix, size, size)
         clips = [(w, voice["sample_rate"]) for w in voice["waveform"]]
+        notes = []
         with input_errors("Narrate"), torch.inference_mode():
-            result = pipeline.narrate_to_mp4(models, image[0], clips, text, path, settings, progress_bar(1))
+            result = pipeline.narrate_to_mp4(models, first_image("Narrate", image, notes), clips, text, path,
+                                             settings, progress_bar(1))
         summary = (f"{result.chunks} sentence chunk(s), {result.frames} frames at {float(result.fps):g} fps "
                    f"-> {saved['filename']}")
         return io.NodeOutput(InputImpl.VideoFromFile(path), result.audio,
-                             ui={"images": [saved], "animated": (True,), "text": [summary]})
+                             ui={"images": [saved], "animated": (True,), "text": result.notes + notes + [summary]})
 
 
 NODES = [LoadEntangler, Entangle, StreamToMP4, Narrate]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
+from ..narrate_model.progress import checked
 from ..narrate_model.xtts.speech import synthesize, vocode
 from ..narrate_model.xtts.checkpoint import load_xtts
 from ..narrate_model.xtts.sampling import SamplingParams
@@ -48,7 +49,7 @@ class LoadXTTS(io.ComfyNode):
     def execute(cls, checkpoint) -> io.NodeOutput:
         help_text = registry_help("xtts-v2") if checkpoint == XTTS_DEFAULT else \
             "Put config.json, model.pth (or model.safetensors) and vocab.json of an XTTS-v2 checkpoint there."
-        folder = locate_checkpoint("Load XTTS-v2", "narrate_xtts", checkpoint, "config.json", help_text)
+        folder = locate_checkpoint("Load XTTS-v2", "checkpoint", "narrate_xtts", checkpoint, "config.json", help_text)
         with checkpoint_errors("Load XTTS-v2", "checkpoint"):
             model, config = load_xtts(folder)
             tokenizer = XttsTokenizer(os.path.join(folder, "vocab.json"))
@@ -82,7 +83,7 @@ class TextBPE(io.ComfyNode):
         with input_errors("Text BPE"):
             tokens = tokenize(xtts.tokenizer, text, language, split=split_sentences)
         summary = f"{len(text)} characters, {len(tokens.chunks)} chunk(s), {sum(map(len, tokens.ids))} tokens"
-        return io.NodeOutput(tokens, ui={"text": [summary]})
+        return io.NodeOutput(tokens, ui={"text": [summary] + tokens.warnings})
 
 
 class VoiceProfileEncode(io.ComfyNode):
@@ -111,8 +112,9 @@ class VoiceProfileEncode(io.ComfyNode):
     def execute(cls, xtts, voice, max_seconds=30, chunk_seconds=4, more_voice=None) -> io.NodeOutput:
         clips = [(w, audio["sample_rate"]) for audio in (voice, more_voice) if audio is not None
                  for w in audio["waveform"]]
-        with input_errors("Voice Profile Encode"), torch.inference_mode():
-            profile = encode_voice(xtts.model(), clips, length_s=max_seconds, chunk_s=chunk_seconds,
+        model = xtts.model()
+        with input_errors("Voice Profile Encode"), torch.inference_mode(), checked(model, progress_bar(1)):
+            profile = encode_voice(model, clips, length_s=max_seconds, chunk_s=chunk_seconds,
                                    max_ref_s=max_seconds)
         lines = [f"voice profile: {profile.seconds:.1f} s from {len(clips)} clip(s)"] + profile.warnings
         return io.NodeOutput(profile, ui={"text": lines})

@@ -12,7 +12,8 @@ from ..narrate_model.hallo.audio import load_wav2vec
 from ..narrate_model.hallo.checkpoint import load_hallo
 from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
 from .common import (AUDIO_FEATURES, CATEGORY, FACE, HALLO, WAV2VEC, checkpoint_choices, checkpoint_errors,
-                     input_errors, licence_of, load_to_device, locate_checkpoint, patcher, progress_bar, registry_help)
+                     first_image, input_errors, licence_of, load_to_device, locate_checkpoint, patcher, progress_bar,
+                     registry_help)
 
 HALLO_DEFAULT = "net.pth"
 WAV2VEC_DEFAULT = "wav2vec2-base-960h"
@@ -44,6 +45,8 @@ def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
 def _compute_dtype(choice: str) -> torch.dtype | None:
     import comfy.model_management as mm
 
+    if choice not in DTYPES:
+        raise ValueError(f"Load Hallo: input 'dtype': {choice!r} is not one of {', '.join(DTYPES)}")
     if choice != "auto":
         return DTYPES[choice]
     return torch.float16 if mm.should_use_fp16() else torch.float32
@@ -72,9 +75,10 @@ class LoadHallo(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoint, motion_module="none", dtype="auto") -> io.NodeOutput:
         help_text = registry_help("hallo") if checkpoint == HALLO_DEFAULT else "Put the Net weights there."
-        path = locate_checkpoint("Load Hallo", "narrate_hallo", checkpoint, None, help_text)
-        motion = None if motion_module == "none" else folder_paths.get_full_path_or_raise(
-            "narrate_motion_module", motion_module)
+        path = locate_checkpoint("Load Hallo", "checkpoint", "narrate_hallo", checkpoint, None, help_text)
+        motion = None if motion_module == "none" else locate_checkpoint(
+            "Load Hallo", "motion_module", "narrate_motion_module", motion_module, None,
+            "Put AnimateDiff's mm_sd_v15_v2.ckpt there, or choose 'none' for Hallo's net.pth.")
         with checkpoint_errors("Load Hallo", "checkpoint"):
             net = load_hallo(path, motion, _compute_dtype(dtype))
         return io.NodeOutput(ModelHandle(patcher(net), checkpoint),
@@ -99,7 +103,7 @@ class LoadWav2Vec(io.ComfyNode):
     def execute(cls, model) -> io.NodeOutput:
         help_text = registry_help("wav2vec2-base-960h") if model == WAV2VEC_DEFAULT else \
             "Put a wav2vec2 transformers folder there."
-        folder = locate_checkpoint("Load wav2vec2", "narrate_wav2vec2", model, "config.json", help_text)
+        folder = locate_checkpoint("Load wav2vec2", "model", "narrate_wav2vec2", model, "config.json", help_text)
         with checkpoint_errors("Load wav2vec2", "model"):
             encoder = load_wav2vec(folder)
         return io.NodeOutput(ModelHandle(patcher(encoder), model),
@@ -136,15 +140,17 @@ class FaceEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, vae, size=512, landmarker=LANDMARKER_DEFAULT) -> io.NodeOutput:
-        landmarker_path = locate_checkpoint("Face Encode", "narrate_face_analysis", landmarker, None,
+        landmarker_path = locate_checkpoint("Face Encode", "landmarker", "narrate_face_analysis", landmarker, None,
                                             registry_help("face-landmarker"))
         identity = folder_paths.get_full_path("narrate_face_analysis", IDENTITY_MODEL)
         encode, _ = vae_callables(vae)
+        batch_notes = []
         with input_errors("Face Encode"):
-            face = pipeline.prepare_face(image[0], landmarker_path, encode, size, identity)
+            face = pipeline.prepare_face(first_image("Face Encode", image, batch_notes), landmarker_path, encode,
+                                         size, identity, progress_bar(2))
         portrait = face.image(size)
         masks = [torch.from_numpy(face.blurred[k]).float().div(255)[None] for k in ("face", "lip", "full")]
-        notes = [f"{face.faces_found} face(s) found"] + face.notes
+        notes = pipeline.face_notes(face) + batch_notes
         return io.NodeOutput(face, portrait, *masks, ui={"text": notes})
 
 

@@ -11,12 +11,14 @@ import asyncio
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 from narrate_model.client import ComfyClient as _Client
 from narrate_model.client import ExecutionFailed, HeadlessServer, messages_of  # noqa: F401 (re-exported)
 
 PACK_NAME = "comfyui-narrating-for-you"  # a clone's usual folder name: not a valid identifier, like users' folders
+PROGRESS_TEXT = (3).to_bytes(4, "big")  # ComfyUI's binary event type for a node's progress text
 NETGUARD = Path(__file__).resolve().parent / "netguard"
 
 
@@ -48,6 +50,8 @@ class WebSocketLog:
     def __init__(self, client: ComfyClient):
         self.client = client
         self.messages: list[dict] = []
+        self.times: list[float] = []  # when each message arrived (time.time()), for latency measurements
+        self.texts: list[tuple[str, str]] = []  # (node id, text) of the progress-text messages nodes send
         self._stop = threading.Event()
         self._ready = threading.Event()
 
@@ -69,7 +73,11 @@ class WebSocketLog:
                 except asyncio.TimeoutError:
                     continue
                 if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.times.append(time.time())
                     self.messages.append(json.loads(msg.data))
+                elif msg.type == aiohttp.WSMsgType.BINARY and msg.data[:4] == PROGRESS_TEXT:
+                    node_length = int.from_bytes(msg.data[4:8], "big")
+                    self.texts.append((msg.data[8:8 + node_length].decode(), msg.data[8 + node_length:].decode()))
                 elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     break
 

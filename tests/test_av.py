@@ -68,18 +68,54 @@ def test_streamed_chunks_and_progress(tmp_path):
     assert probe(tmp_path / "c.mp4")["frames"] == 20
 
 
-def test_cancel_keeps_a_playable_partial_file_and_no_final_one(tmp_path):
-    class Cancelled(Exception):
-        pass
+class Cancelled(Exception):
+    pass
 
-    def cancel_at_8(done, total):
-        if done >= 8:
-            raise Cancelled()
 
-    with pytest.raises(Cancelled):
-        av.write_mp4(str(tmp_path / "d.mp4"), torch.rand(20, 32, 32, 3), 25, chunk=4, progress=cancel_at_8)
-    assert not (tmp_path / "d.mp4").exists()
-    assert probe(tmp_path / "d.partial.mp4")["frames"] == 8
+def cancel_at_8(done, total):
+    if done >= 8:
+        raise Cancelled()
+
+
+def test_cancel_removes_the_unfinished_file_and_says_so(tmp_path):
+    with pytest.raises(Cancelled) as info:
+        av.write_mp4(str(tmp_path / "d.mp4"), torch.rand(20, 32, 32, 3), 25, torch.zeros(1, 24000), 24000, chunk=4,
+                     progress=cancel_at_8)
+    assert list(tmp_path.iterdir()) == []  # neither the video nor its .partial twin
+    assert info.value.__notes__ == ["the unfinished video d.mp4 was removed after 8 of 20 frames; no video was saved"]
+
+
+def test_a_failing_frame_source_removes_the_unfinished_file(tmp_path):
+    def frames():
+        yield torch.rand(4, 32, 32, 3)
+        raise MemoryError("decoder ran out of memory")
+
+    with pytest.raises(MemoryError) as info:
+        av.write_mp4(str(tmp_path / "f.mp4"), frames(), 25, torch.zeros(1, 24000), 24000, total_frames=20)
+    assert list(tmp_path.iterdir()) == [] and "after 4 of 20 frames" in info.value.__notes__[0]
+
+
+def test_the_writer_never_replaces_a_file(tmp_path):
+    existing = tmp_path / "g.mp4"
+    existing.write_bytes(b"the user's earlier video")
+    with pytest.raises(FileExistsError, match="never replaces"):
+        av.write_mp4(str(existing), torch.rand(2, 32, 32, 3), 25)
+    assert existing.read_bytes() == b"the user's earlier video"
+    (tmp_path / "h.partial.mp4").write_bytes(b"another writer's unfinished file")
+    with pytest.raises(FileExistsError):
+        av.write_mp4(str(tmp_path / "h.mp4"), torch.rand(2, 32, 32, 3), 25)
+
+
+def test_a_file_that_appears_while_writing_is_not_replaced(tmp_path):
+    target = tmp_path / "i.mp4"
+
+    def frames():
+        yield torch.rand(2, 32, 32, 3)
+        target.write_bytes(b"written meanwhile")
+
+    with pytest.raises(FileExistsError):
+        av.write_mp4(str(target), frames(), 25, total_frames=2)
+    assert target.read_bytes() == b"written meanwhile" and list(tmp_path.iterdir()) == [target]
 
 
 def test_no_frames_is_a_clear_error(tmp_path):

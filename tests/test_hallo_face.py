@@ -254,3 +254,12 @@ def test_identity_through_onnxruntime(io_masks, tmp_path):
     expected = blob.transpose(2, 0, 1).reshape(1, -1) @ weight
     assert notes == [] and embedding.shape == (512,)
     np.testing.assert_allclose(embedding.numpy(), expected[0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_smallest_image_message_states_the_real_limit(encode):
+    from narrate_model.hallo.face import MIN_SIDE
+
+    with pytest.raises(NarrateInputError, match=f"at least {MIN_SIDE}x{MIN_SIDE}"):
+        encode(torch.rand(MIN_SIDE - 1, 200, 3))
+    with pytest.raises(NarrateInputError, match="no face found"):  # one pixel more passes the size check
+        encode(torch.full((MIN_SIDE, 200, 3), 0.5))

@@ -87,7 +87,7 @@ def test_graph_with_a_pack_node_runs_over_the_api_and_its_video_comes_back(comfy
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 80
 
 
-def test_interrupt_stops_a_long_pack_node_within_a_second_and_the_server_keeps_serving(comfy):
+def test_interrupt_stops_a_long_pack_node_within_a_second_and_the_server_keeps_serving(comfy_server, comfy):
     name = comfy.upload(MEDIA / "videos" / "man.mp4")
     with comfy.listen() as ws:
         prompt = _remux_prompt(name, "nfy_test/long", repeat=3)  # 720 frames: several seconds of encoding
@@ -110,6 +110,10 @@ def test_interrupt_stops_a_long_pack_node_within_a_second_and_the_server_keeps_s
     assert stopped < 1.0, f"the node took {stopped:.2f} s to stop"
     last = max(m["value"] for m in ws.of("progress") if m["node"] == "4")
     assert last < 720, "the node ran to the end instead of stopping"
+    # No half-written video is left (it would hold the whole soundtrack over a few frames), and the node says so.
+    assert list((comfy_server.base / "output" / "nfy_test").glob("long_*")) == []
+    assert any(node == "4" and "unfinished video long_" in text and "was removed" in text for node, text in ws.texts), \
+        ws.texts
     # The server keeps serving: the next graph runs to completion.
     short = comfy.upload(MEDIA / "videos" / "kid_1.mp4")
     comfy.run(_remux_prompt(short, "nfy_test/after_interrupt"))

@@ -33,7 +33,6 @@ def io_hifigan():
 
 @pytest.fixture(scope="module")
 def loaded():
-    pytest.importorskip("narrate_model.xtts.gpt")
     from narrate_model.xtts.checkpoint import load_xtts
     return load_xtts(SMALL_FILES)
 
@@ -102,7 +101,6 @@ def test_hifigan_reproduces_upstream(small_cfg, small_sd, io_hifigan):
 
 # ------------------------------------------------------------------------------------------------ full-size contract
 def test_full_size_model_matches_manifest():
-    pytest.importorskip("narrate_model.xtts.gpt")
     from narrate_model.xtts.model import XttsModel
     model = XttsModel.from_config(XttsConfig.v2())  # meta device: no memory
     ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
@@ -186,7 +184,6 @@ def _write_folder(tmp_path, sd, name="model.safetensors"):
     ("sd15", {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3, 4, 3, 3)}, "model.safetensors"),
 ])
 def test_other_model_is_refused(tmp_path, what, sd, name):
-    pytest.importorskip("narrate_model.xtts.gpt")
     from narrate_model.xtts.checkpoint import load_xtts
     folder = _write_folder(tmp_path, sd, name)
     with pytest.raises(CheckpointError, match="not an XTTS-v2 checkpoint"):
@@ -194,7 +191,6 @@ def test_other_model_is_refused(tmp_path, what, sd, name):
 
 
 def test_missing_unexpected_and_misshaped_keys(tmp_path, small_sd):
-    pytest.importorskip("narrate_model.xtts.gpt")
     from narrate_model.xtts.checkpoint import load_xtts
     sd = dict(small_sd)
     del sd["gpt.conditioning_perceiver.norm.gamma"]
@@ -210,7 +206,6 @@ def test_missing_unexpected_and_misshaped_keys(tmp_path, small_sd):
 
 
 def test_missing_files_say_where_they_go(tmp_path):
-    pytest.importorskip("narrate_model.xtts.gpt")
     from narrate_model.xtts.checkpoint import load_xtts
     folder = tmp_path / "XTTS-v2"
     folder.mkdir()

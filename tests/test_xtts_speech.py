@@ -99,3 +99,18 @@ def test_chunks_join_without_a_click_and_keep_their_length():
     assert torch.cat([a, b]).diff().abs().max() == 1.0
     assert joined.diff().abs().max() < 0.02  # a 5 ms raised-cosine fade on each side instead of a step
     assert torch.equal(joined[:2000], a[:2000]) and torch.equal(joined[-2000:], b[-2000:])
+
+
+def test_the_short_text_guard_bounds_the_code_count(small):
+    """What the guard does to the code count on the small model (random weights rarely emit the stop code, so, like
+    a real XTTS running on after a short text, it fills whatever room it gets)."""
+    from dataclasses import replace
+
+    model, tok, io = small
+    tokens = tokenize(tok, "Hi there!", "en")
+    params = SamplingParams(do_sample=False, max_new_tokens=150)
+    with torch.inference_mode():
+        guarded = synthesize(model, tokens, _voice(io), params)
+        unguarded = synthesize(model, replace(tokens, max_codes=None), _voice(io), params)
+    print(f"codes for 'Hi there!': {guarded.num_codes} with the guard, {unguarded.num_codes} without")
+    assert guarded.num_codes <= tokens.max_codes == 74 < unguarded.num_codes

@@ -171,7 +171,8 @@ def to_rgb_uint8(image: torch.Tensor, notes: list[str]) -> np.ndarray:
                                          f"shape {tuple(image.shape)}")
     if min(image.shape[:2]) < MIN_SIDE:
         raise NarrateInputError("image", f"the image is {image.shape[1]}x{image.shape[0]} pixels; use a portrait "
-                                         f"of at least 256x256 (the video is made at 512x512)")
+                                         f"of at least {MIN_SIDE}x{MIN_SIDE} (512x512 or more looks best: the video "
+                                         f"is made at 512x512)")
     pixels = image.detach().float().cpu().clamp(0, 1)
     channels = pixels.shape[-1]
     if channels in (2, 4):

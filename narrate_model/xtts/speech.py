@@ -5,12 +5,12 @@ one implementation: `synthesize` (GPT, per chunk) and `vocode` (HiFi-GAN, per ch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import NarrateInputError
-from ..progress import ProgressFn, report
+from ..progress import ProgressFn, checked, report
 from .gpt import GenerationResult
 from .sampling import SamplingParams
 from .text import TextTokens
@@ -58,6 +58,9 @@ def synthesize(model, tokens: TextTokens, voice, params: SamplingParams, progres
             raise NarrateInputError("tokens", f"chunk {i + 1} has {len(ids)} tokens, more than the model's "
                                               f"{cfg.gpt_max_text_tokens}; turn on split_sentences in Text BPE.")
     per_chunk = params.max_new_tokens or cfg.max_gen_mel_tokens
+    if tokens.max_codes and tokens.max_codes < per_chunk:  # the short-text guard (text.py)
+        per_chunk = tokens.max_codes
+        params = replace(params, max_new_tokens=per_chunk)
     total = per_chunk * len(tokens.ids)
     chunks = []
     for first in range(0, len(tokens.ids), max(1, batch_size)):
@@ -78,7 +81,8 @@ def vocode_chunks(model, speech: SpeechLatents, voice, progress: ProgressFn = No
     speaker = voice.speaker_embedding.to(device, dtype)
     pieces = []
     for i, chunk in enumerate(speech.chunks):
-        wav = model.hifigan_decoder(chunk.latents.to(device, dtype), speaker) if chunk.latents.shape[1] else None
+        with checked(model.hifigan_decoder, progress, i, len(speech.chunks)):  # a long chunk takes a while
+            wav = model.hifigan_decoder(chunk.latents.to(device, dtype), speaker) if chunk.latents.shape[1] else None
         pieces.append(torch.zeros(0) if wav is None else wav.reshape(-1).float().cpu())
         report(progress, i + 1, len(speech.chunks))
     if not any(p.numel() for p in pieces):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,7 @@ class XttsTokenizer:
         self.vocab_size = max(vocab.values()) + 1  # upstream get_number_tokens(): the GPT's text embedding rows
         self.start_id = vocab["[START]"]
         self.stop_id = vocab["[STOP]"]
+        self.unk_id, self.space_id = vocab["[UNK]"], vocab["[SPACE]"]
         self._tags = {code: f"[{code}]" in vocab for code in SUPPORTED_LANGUAGES}
 
     def encode(self, text: str, lang: str) -> list[int]:
@@ -242,6 +244,30 @@ class TextTokens:
     chunks: list[str]  # the text cut into chunks under the language's limit (raw, before cleaning)
     ids: list[list[int]]  # BPE ids per chunk, from chunk.strip().lower() as upstream inference encodes them
     cleaned: list[str] = field(default_factory=list)  # per chunk, the cleaned text the ids spell (for display)
+    warnings: list[str] = field(default_factory=list)  # what the user should know about this text
+    max_codes: int | None = None  # the short-text guard's bound on the codes per chunk (None: the model's own)
+
+
+# Guards of the pack's own (not upstream XTTS): what is not worth speaking, and short texts. XTTS is known to run on
+# after a text of a few words (it tends to make at least ~3 s of audio; coqui-ai/TTS#3516, idiap/coqui-ai-TTS#310),
+# so a text of at most SHORT_TEXT_WORDS words gets a bound on its codes that real speech never reaches: 1 s plus
+# 0.3 s per character (speech runs at 12-15 letters or 4-6 CJK characters a second).
+SHORT_TEXT_WORDS = 3
+CODES_PER_SECOND = 22050 / 1024  # XTTS-v2: one GPT code per 1024 samples at 22.05 kHz
+MOSTLY_UNKNOWN = 0.5  # share of [UNK] among the text tokens above which the text is flagged
+
+
+def speakable(cleaned: str) -> bool:
+    """Whether a cleaned chunk holds anything to say: a letter or a digit (not only emoji, symbols, punctuation)."""
+    return any(ch.isalnum() for ch in cleaned)
+
+
+def short_text_code_limit(text: str) -> int | None:
+    """The codes a text of at most SHORT_TEXT_WORDS words may take, or None for longer texts."""
+    if len(text.split()) > SHORT_TEXT_WORDS:
+        return None
+    characters = sum(not ch.isspace() for ch in text)
+    return math.ceil(CODES_PER_SECOND * (1 + 0.3 * characters))
 
 
 def tokenize(tokenizer: XttsTokenizer, text: str, lang: str, split: bool = True,
@@ -256,7 +282,7 @@ def tokenize(tokenizer: XttsTokenizer, text: str, lang: str, split: bool = True,
     for chunk in chunks:
         _warn_if_long(chunk, code)
         words = clean_text(chunk.strip().lower(), code)  # Xtts.inference lower-cases before encoding
-        if not words:  # e.g. a chunk of nothing but quote marks
+        if not speakable(words):  # e.g. a chunk of nothing but quote marks, emoji or punctuation
             continue
         chunk_ids = tokenizer.encode_cleaned(words, code)
         if len(chunk_ids) >= max_tokens:
@@ -268,5 +294,17 @@ def tokenize(tokenizer: XttsTokenizer, text: str, lang: str, split: bool = True,
         ids.append(chunk_ids)
         cleaned.append(words)
     if not kept:
-        raise NarrateInputError("text", f"nothing speakable is left of {text[:60]!r} after cleaning; type words")
-    return TextTokens(text=text, language=code, chunks=kept, ids=ids, cleaned=cleaned)
+        raise NarrateInputError("text", f"nothing speakable is left of {text[:60]!r} after cleaning (no letters or "
+                                        f"digits: emoji, symbols and punctuation are not spoken); type words")
+    warnings = []
+    text_ids = [i for chunk in ids for i in chunk[1:] if i != tokenizer.space_id]  # without language tag, spaces
+    unknown = sum(i == tokenizer.unk_id for i in text_ids)
+    if unknown > MOSTLY_UNKNOWN * len(text_ids):
+        warnings.append(f"{unknown} of the text's {len(text_ids)} tokens are unknown to the model ([UNK]: characters "
+                        f"its vocabulary lacks); the speech will be mostly noise. Is the language right?")
+    max_codes = short_text_code_limit(text)
+    if max_codes is not None:
+        warnings.append(f"a short text (at most {SHORT_TEXT_WORDS} words): XTTS tends to run on after very short "
+                        f"texts, so the speech is limited to {max_codes} codes ({max_codes / CODES_PER_SECOND:.1f} s)")
+    return TextTokens(text=text, language=code, chunks=kept, ids=ids, cleaned=cleaned, warnings=warnings,
+                      max_codes=max_codes)
