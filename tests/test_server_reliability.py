@@ -122,6 +122,11 @@ def test_bad_numbers_over_the_api_are_clear_errors_naming_the_input(comfy, small
     prompt["3"]["inputs"]["size"] = 100  # the widget steps by 64; the API takes any number
     message = error_of(comfy, prompt)["exception_message"]
     assert "Face Encode: input 'size'" in message and "multiple of 64" in message, message
+    prompt = shrink(api_workflows()["animate_from_audio"], small_models)
+    prompt["7"]["inputs"]["dtype"] = "fp8"  # 0.3.75 does not check a V3 combo's value at queue time
+    error = error_of(comfy, prompt)
+    assert error["exception_type"] != "KeyError", error  # what it was before the fix
+    assert "Load Hallo: input 'dtype': 'fp8' is not one of auto, fp32, fp16, bf16" in error["exception_message"]
 
 
 def test_load_entangler_shows_a_licence_line(comfy):
