@@ -53,7 +53,11 @@ def cloning_mel(wav_22050: torch.Tensor, mel_stats: torch.Tensor) -> torch.Tenso
 
 
 def speaker_mel(audio_config: dict) -> nn.Module:
-    """The speaker encoder's 16 kHz mel front end (Hamming window, no band normalisation, f_max = sr / 2)."""
-    return _mel_class()(audio_config["sample_rate"], n_fft=audio_config["fft_size"],
-                          win_length=audio_config["win_length"], hop_length=audio_config["hop_length"],
-                          n_mels=audio_config["num_mels"], window_fn=torch.hamming_window)
+    """The speaker encoder's 16 kHz mel front end (Hamming window, no band normalisation, f_max = sr / 2).
+
+    Built on the CPU even when the model is laid out on the meta device: torchaudio checks the filterbank's values
+    while building it. The checkpoint's buffers replace these when it loads."""
+    with torch.device("cpu"):
+        return _mel_class()(audio_config["sample_rate"], n_fft=audio_config["fft_size"],
+                              win_length=audio_config["win_length"], hop_length=audio_config["hop_length"],
+                              n_mels=audio_config["num_mels"], window_fn=torch.hamming_window)
