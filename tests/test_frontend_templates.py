@@ -127,6 +127,18 @@ def test_template_opens_from_the_browser_into_its_api_twin(page, server, name, t
     want_aids = [n["type"] for n in graph["nodes"]
                  if n["type"] in ("NFY_TextBPE", "NFY_Narrate", "NFY_VoiceProfileEncode")]
     assert sorted(t for t, _ in shown) == sorted(want_aids) and all(text for _, text in shown), shown
+    if "NFY_VoiceProfileEncode" in want_aids or "NFY_Narrate" in want_aids:
+        # The voice read-out decodes the example clip, and follows a file change made without any callback (what
+        # only the extension's timer notices: the Vue-nodes mode never calls onDrawForeground).
+        voice = "app.graph._nodes.find(n => n.nfyVoiceReadout).nfyVoiceReadout"
+        assert abs(float(page.wait_for(f"{voice}.dataset.seconds", 30)) - 9.39) < 0.05
+        page.evaluate("""(() => { const w = app.graph._nodes.find(n => n.type === 'LoadAudio').widgets
+            .find(w => w.name === 'audio'); w.value = 'nfy_example_speech.flac'; })()""")
+        assert abs(float(page.wait_for(f"{voice}.dataset.seconds !== '{page.evaluate(voice + '.dataset.seconds')}' "
+                                       f"&& {voice}.dataset.seconds", 30)) - 3.9) < 0.05
+        page.evaluate("""(() => { const w = app.graph._nodes.find(n => n.type === 'LoadAudio').widgets
+            .find(w => w.name === 'audio'); w.value = 'nfy_example_voice.flac'; })()""")
+        page.wait_for(f"Math.abs({voice}.dataset.seconds - 9.39) < 0.05", 30)
     # Runnable: the frontend's own conversion gives exactly the API prompt the CLI and the HTTP API use.
     prompt = page.evaluate("app.graphToPrompt().then(p => p.output)")
     info = ComfyClient(server.url).object_info()

@@ -107,7 +107,7 @@ def test_face_encoding_at_the_oldest_supported_mediapipe():
 def test_a_fresh_venv_of_comfyuis_requirements_and_ours_passes_pip_check():
     python = installed_environment("NFY_PIP_CHECK_PYTHON")
     listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
-                            timeout=120).stdout.lower()
+                            timeout=120).stdout.lower().replace("_", "-")
     for name in ("mediapipe==", "comfyui-frontend-package==", "torch==", "safetensors=="):
         assert name in listed, name  # it is the venv of both requirement lists
     assert "pytest==" not in listed and "comfy-cli==" not in listed  # and nothing of the test tools
