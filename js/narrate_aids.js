@@ -5,6 +5,7 @@
 //     browser, with a warning under 3 s and an error under 1 s (the node refuses those).
 //  3. Video (NFY_AVMux, NFY_StreamToMP4, NFY_Narrate): the frontend itself previews {"images": [mp4],
 //     "animated": [true]} as a <video controls>; this only makes sure that preview is never muted.
+// It works in the canvas and in the Vue-nodes mode, through the graph API only (no deprecated input.link reads).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { textStats } from "./text_chunks.js";
@@ -34,7 +35,9 @@ function after(obj, key, fn) {
 }
 
 const widgetOf = (node, name) => node.widgets?.find((w) => w.name === name);
-const linkedInput = (node, name) => node.inputs?.find((i) => i.name === name && i.link != null);
+// Through the graph API (input.link is deprecated in newer frontends, which warn on every read).
+const isConnected = (node, input) => node.isInputConnected(node.inputs.indexOf(input));
+const linkedInput = (node, name) => node.inputs?.find((i) => i.name === name && isConnected(node, i));
 
 /** A read-only DOM widget at the bottom of the node; it is left out of the saved workflow and the prompt. */
 function addReadout(node, name, lines) {
@@ -159,9 +162,9 @@ function voiceLine(input, name, seconds, maxSeconds) {
 async function updateVoice(node, again = false) {
   const element = node.nfyVoiceReadout;
   if (!element) return;
-  const inputs = (node.inputs ?? []).filter((i) => i.type === "AUDIO" && (i.link != null || i.name === "voice"));
-  const sources = inputs.map((input) => (input.link == null ? { note: `${input.name}: not connected` }
-                                                             : voiceSource(node, input)));
+  const inputs = (node.inputs ?? []).filter((i) => i.type === "AUDIO" && (isConnected(node, i) || i.name === "voice"));
+  const sources = inputs.map((input) => (isConnected(node, input) ? voiceSource(node, input)
+                                                                  : { note: `${input.name}: not connected` }));
   const key = JSON.stringify(sources);
   if (key === node.nfyVoiceKey && !again) return;
   node.nfyVoiceKey = key;
@@ -201,6 +204,19 @@ if (!app.extensions?.some((e) => e.name === NAME)) app.registerExtension({
     const style = document.createElement("style");
     style.textContent = STYLE;
     document.head.append(style);
+    // The cheap catch-all, in the canvas and in the Vue-nodes mode alike (that one never calls onDrawForeground): a
+    // voice source that changed without a callback is seen within a second (updateVoice returns at once when the
+    // links and file names are unchanged), and a video preview is never muted.
+    setInterval(() => {
+      for (const node of app.graph?._nodes ?? []) {
+        if (node.nfyVoiceReadout) updateVoice(node);
+        if (VIDEO_NODES.has(node.comfyClass)) {
+          for (const video of document.querySelectorAll(`[data-node-id="${node.id}"] video`)) video.muted = false;
+          const video = node.videoContainer?.querySelector("video");
+          if (video?.muted) video.muted = false;
+        }
+      }
+    }, 1000);
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData.name;
@@ -214,14 +230,6 @@ if (!app.extensions?.some((e) => e.name === NAME)) app.registerExtension({
       after(proto, "onNodeCreated", function () { setupVoice(this); });
       after(proto, "onConfigure", function () { updateVoice(this); });
       after(proto, "onConnectionsChange", function () { updateVoice(this); });
-      // The cheap catch-all: a source that changed without a callback is seen at the next redraw.
-      after(proto, "onDrawForeground", function () { updateVoice(this); });
-    }
-    if (VIDEO_NODES.has(name)) {
-      after(proto, "onDrawForeground", function () {
-        const video = this.videoContainer?.querySelector("video");
-        if (video?.muted) video.muted = false;
-      });
     }
   },
 });

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .client import ComfyClient, ExecutionFailed, HeadlessServer
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows" / "api"  # the UI templates are in workflows/
 MEDIA_INPUTS = {"LoadImage": "image", "LoadAudio": "audio"}
 
 
@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--language", default="en")
     p.add_argument("--seed", type=int)
     p.add_argument("--workflow", default="narrate_simple",
-                   help="a workflow in the pack's workflows/ folder: narrate_simple (default), narrate, speech_only, "
+                   help="a workflow in the pack's workflows/api/ folder: narrate_simple (default), narrate, speech_only, "
                         "animate_from_audio; or the path of an API-format workflow")
     p.add_argument("--set", action="append", default=[], metavar="[NODE.]INPUT=VALUE",
                    help="set an input of every node that has it (or of node NODE); VALUE is JSON or a plain string, "
@@ -59,7 +59,7 @@ def prepare(prompt: dict, settings: dict[str, object], uploads: dict[str, str]) 
 
 
 def _workflow(name: str) -> dict:
-    path = Path(name) if name.endswith(".json") else WORKFLOWS / f"{name}_api.json"
+    path = Path(name) if name.endswith(".json") else WORKFLOWS / f"{name}.json"
     if not path.is_file():
         raise SystemExit(f"no workflow {name!r}: expected {path}")
     return json.loads(path.read_text())

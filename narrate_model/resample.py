@@ -1,6 +1,8 @@
 """Resampling for every stage (voice profile 22.05 / 16 kHz, speech features 16 kHz): torchaudio's
-`functional.resample` when it imports, otherwise our own copy of its windowed-sinc algorithm (same kernel, same output
-length), since the newest ComfyUI no longer ships torchaudio."""
+`functional.resample`, which upstream uses. ComfyUI lists torchaudio in its requirements but runs without it on
+platforms where it cannot be installed (ComfyUI PR #7987), so when the package is *absent* we use our copy of the same
+windowed-sinc algorithm (same kernel, same output length; tests/test_xtts_voice.py checks them equal). A torchaudio
+that is installed but broken raises: it is not silently replaced."""
 from __future__ import annotations
 
 import math
@@ -41,11 +43,16 @@ def resample_sinc(wav: torch.Tensor, orig_sr: int, new_sr: int, lowpass_filter_w
 
 
 def _torchaudio_resample():
-    try:  # torchaudio is optional: its native libraries may fail to load even when the package is installed
-        from torchaudio.functional import resample
-        return resample
-    except Exception:  # noqa: BLE001 - any import failure means "use ours"
+    """torchaudio's resample, or None when torchaudio is not installed."""
+    try:
+        import torchaudio  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name != "torchaudio":
+            raise  # torchaudio is there but something it needs is missing: a broken install, shown as such
         return None
+    from torchaudio.functional import resample
+
+    return resample
 
 
 def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:

@@ -150,7 +150,8 @@ def load_to_device(model_patcher):
 
 def checkpoint_choices(folder_name: str, marker: str | None = None, default: str | None = None) -> list[str]:
     """What a loader's dropdown offers: files under the folder, or (with `marker`) the sub-folders that hold that
-    file. The expected default stays listed even when absent, so a graph loads and the loader can say what to fetch."""
+    file; only what exists (an empty list when nothing is there), so the frontend flags a workflow's absent model
+    and its missing-models dialog offers the workflow's download metadata. The expected default comes first."""
     try:
         files = folder_paths.get_filename_list(folder_name)
     except KeyError:
@@ -159,7 +160,7 @@ def checkpoint_choices(folder_name: str, marker: str | None = None, default: str
         found = {os.path.dirname(f) for f in files if os.path.basename(f) == marker and os.path.dirname(f)}
     else:
         found = set(files)
-    return sorted(found | ({default} if default else set()))
+    return sorted(found, key=lambda name: (name != default, name))
 
 
 def locate_checkpoint(node_name: str, input_name: str, folder_name: str, choice: str, marker: str | None = None,

@@ -176,6 +176,10 @@ class Narrate(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, landmarker=LANDMARKER_DEFAULT) -> bool:
+        return True  # the dropdown lists only files that exist; execute() explains an absent one
+
+    @classmethod
     def execute(cls, xtts, hallo, wav2vec, vae, image, voice, text, language, fps, size, steps, cfg, scheduler,
                 temperature, speed, seed, max_codes, filename_prefix, entangler=None,
                 landmarker=LANDMARKER_DEFAULT) -> io.NodeOutput:

@@ -46,6 +46,10 @@ class LoadXTTS(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint) -> bool:
+        return True  # the dropdown lists only files that exist; execute() explains an absent one
+
+    @classmethod
     def execute(cls, checkpoint) -> io.NodeOutput:
         help_text = registry_help("xtts-v2") if checkpoint == XTTS_DEFAULT else \
             "Put config.json, model.pth (or model.safetensors) and vocab.json of an XTTS-v2 checkpoint there."

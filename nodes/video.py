@@ -73,6 +73,10 @@ class LoadHallo(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint, motion_module) -> bool:
+        return True  # the dropdown lists only files that exist; execute() explains an absent one
+
+    @classmethod
     def execute(cls, checkpoint, motion_module="none", dtype="auto") -> io.NodeOutput:
         help_text = registry_help("hallo") if checkpoint == HALLO_DEFAULT else "Put the Net weights there."
         path = locate_checkpoint("Load Hallo", "checkpoint", "narrate_hallo", checkpoint, None, help_text)
@@ -98,6 +102,10 @@ class LoadWav2Vec(io.ComfyNode):
                                            "preprocessor_config.json) under models/narrate/wav2vec2/.")],
             outputs=[WAV2VEC.Output(display_name="wav2vec", tooltip="The speech-feature encoder.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model) -> bool:
+        return True  # the dropdown lists only files that exist; execute() explains an absent one
 
     @classmethod
     def execute(cls, model) -> io.NodeOutput:
@@ -137,6 +145,10 @@ class FaceEncode(io.ComfyNode):
                 io.Mask.Output(display_name="background_mask", tooltip="Blurred background (64x64)."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, landmarker=LANDMARKER_DEFAULT) -> bool:
+        return True  # the dropdown lists only files that exist; execute() explains an absent one
 
     @classmethod
     def execute(cls, image, vae, size=512, landmarker=LANDMARKER_DEFAULT) -> io.NodeOutput:

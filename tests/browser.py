@@ -25,6 +25,22 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--remote-debugging-port=0", "--remote-allow-origins=*"]
 
 
+def require_chromium(path: str | None = None) -> str:
+    """The Chromium the browser tests drive (NFY_CHROMIUM, else Debian's). Missing, it skips the test on a developer's
+    machine but FAILS it under CI=true: CI must never pass with the js/ layer untested (tests/install.sh installs it)."""
+    import os
+
+    import pytest
+
+    path = path or os.environ.get("NFY_CHROMIUM", "/usr/bin/chromium")
+    if Path(path).exists():
+        return path
+    message = f"no Chromium at {path}: run tests/install.sh (apt-get install -y chromium) or set NFY_CHROMIUM"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 class JavaScriptError(AssertionError):
     pass
 

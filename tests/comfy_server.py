@@ -23,7 +23,7 @@ NETGUARD = Path(__file__).resolve().parent / "netguard"
 
 
 class ComfyServer(HeadlessServer):
-    def __init__(self, comfyui_dir: Path, pack_dir: Path, base: Path):
+    def __init__(self, comfyui_dir: Path, pack_dir: Path, base: Path, extra_args: tuple[str, ...] = ()):
         self.base = Path(base)
         (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         link = self.base / "custom_nodes" / PACK_NAME
@@ -32,7 +32,8 @@ class ComfyServer(HeadlessServer):
         self.net_log = self.base / "network_attempts.log"
         env = {"NFY_NETGUARD_LOG": str(self.net_log), "HF_HOME": str(self.base / "hf_home"), "HF_HUB_OFFLINE": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))}
-        super().__init__(comfyui_dir, ["--cpu", "--disable-api-nodes", "--database-url", "sqlite:///:memory:"],
+        super().__init__(comfyui_dir, ["--cpu", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
+                                       *extra_args],
                          base_directory=self.base, env=env, log_path=self.base / "server.log")
 
     def network_attempts(self) -> list[str]:

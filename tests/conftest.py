@@ -86,5 +86,6 @@ def small_models(comfy_server, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("media")
     return {"XTTS-v2": write_xtts(models), "net.pth": write_hallo(models), "wav2vec2-base-960h": write_wav2vec(models),
             "sd-vae-ft-mse.safetensors": write_sd_vae(models), "landmarker": write_landmarker(models),
-            "portrait.png": comfy.upload(MEDIA / "images" / "man.jpg"),
-            "voice.wav": comfy.upload(clip_wav(tmp, 4.0)), "speech.wav": comfy.upload(clip_wav(tmp, 0.9))}
+            "nfy_example_portrait.jpg": comfy.upload(MEDIA / "images" / "man.jpg"),
+            "nfy_example_voice.flac": comfy.upload(clip_wav(tmp, 4.0)),
+            "nfy_example_speech.flac": comfy.upload(clip_wav(tmp, 0.9))}

@@ -49,9 +49,56 @@ if [ ! -f "$landmarker" ]; then
   mv "$landmarker.part" "$landmarker"
   rm -rf "$tmp"
 fi
-# Debian's Chromium for the browser tests of the frontend extension (skipped where it cannot be installed).
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# The newest comfyui-frontend-package (ComfyUI's requirements pin 1.32.9) in its own --target folder: the browser
+# tests serve it with --front-end-root and run the pack in both.
+newest=$("$venv/bin/python" -m pip index versions --disable-pip-version-check comfyui-frontend-package 2>/dev/null \
+         | sed -n 's/^comfyui-frontend-package (\(.*\))$/\1/p')
+[ -n "$newest" ] || { echo "could not ask PyPI for the newest comfyui-frontend-package" >&2; exit 1; }
+frontend=$cache/frontend-$newest
+if [ ! -f "$frontend/comfyui_frontend_package/static/index.html" ]; then
+  rm -rf "$frontend.part"
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps --target "$frontend.part" \
+    "comfyui-frontend-package==$newest"
+  rm -rf "$frontend" && mv "$frontend.part" "$frontend"
 fi
-printf "COMFYUI_DIR=%s\nNFY_FACE_LANDMARKER=%s\n" "$COMFYUI_DIR" "$landmarker" > "$venv/nfy-test.env"
+
+# The oldest mediapipe requirements.txt allows, in a small second venv for the face-encoding tests
+# (tests/test_packaging.py): its own mediapipe, numpy and OpenCV first on the path, everything else (torch, the
+# pack's other requirements, pytest) from the main venv behind them.
+oldest_mp=$(sed -n 's/^mediapipe>=\([0-9.]*\).*/\1/p' "$here/requirements.txt")
+mp_venv=$cache/mediapipe-$oldest_mp
+if [ ! -x "$mp_venv/bin/python" ]; then
+  rm -rf "$mp_venv.part"
+  python3 -m venv "$mp_venv.part"
+  "$mp_venv.part/bin/python" -m pip install --disable-pip-version-check -q "mediapipe==$oldest_mp" "numpy<2"
+  "$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+    > "$("$mp_venv.part/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_nfy_main.pth"
+  mv "$mp_venv.part" "$mp_venv"  # the interpreter finds its venv by the pyvenv.cfg beside it; we only run python -m
+fi
+
+# What a user with only ComfyUI's requirements and ours gets, in a fresh venv, for the suite's `pip check`
+# (tests/test_packaging.py); rebuilt whenever either list changes. Its torch comes from pip's cache.
+check_venv=$cache/pipcheck-$(cat "$COMFYUI_DIR/requirements.txt" "$here/requirements.txt" | sha256sum | cut -c1-12)
+if [ ! -x "$check_venv/bin/python" ]; then
+  rm -rf "$check_venv.part"
+  python3 -m venv "$check_venv.part"
+  "$check_venv.part/bin/python" -m pip install --disable-pip-version-check -q -c "$constraints" \
+    -r "$COMFYUI_DIR/requirements.txt" -r "$here/requirements.txt"
+  mv "$check_venv.part" "$check_venv"
+fi
+
+# Debian's Chromium for the browser tests of the frontend extension. Under CI=true it must be there: the browser
+# tests fail without it (they only skip on a developer's machine).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then sudo=(); else sudo=(sudo -n); fi
+  "${sudo[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium >/dev/null \
+    || echo "could not install Chromium with apt-get" >&2
+fi
+if [ ! -x /usr/bin/chromium ] && [ "${CI:-}" = true ]; then
+  echo "CI=true but no Chromium at /usr/bin/chromium: the browser tests would fail" >&2
+  exit 1
+fi
+printf "COMFYUI_DIR=%s\nNFY_FACE_LANDMARKER=%s\nNFY_NEWEST_FRONTEND=%s\nNFY_OLDEST_MEDIAPIPE_PYTHON=%s\nNFY_PIP_CHECK_PYTHON=%s\n" \
+  "$COMFYUI_DIR" "$landmarker" "$frontend/comfyui_frontend_package/static" "$mp_venv/bin/python" \
+  "$check_venv/bin/python" > "$venv/nfy-test.env"
 echo "test environment ready: $venv (ComfyUI at $COMFYUI_DIR)"

@@ -85,7 +85,7 @@ def test_video_graph_gives_one_frame_per_frame_of_audio_across_clips(comfy, smal
 def test_loader_dropdowns_list_weights_not_their_layout_files(comfy, small_video_models):
     spec = comfy.get_json("/object_info/NFY_LoadHallo")["NFY_LoadHallo"]["input"]["required"]["checkpoint"]
     options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]  # V3 combos list their options in the spec
-    assert small_video_models["hallo"] in options and "net.pth" in options  # present + the expected default
+    assert small_video_models["hallo"] in options and "net.pth" not in options  # only files that exist
     assert not any(o.endswith(".json") for o in options)
 
 

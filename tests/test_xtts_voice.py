@@ -63,18 +63,6 @@ def test_cloning_mel_matches_upstream(io_cond, name, start, stop):
     close(mel.cloning_mel(wav, io_cond["mel_stats"]), io_cond[name], **TOL)
 
 
-def test_mel_front_ends_equal_torchaudio():
-    for args in [(1025, 0.0, 8000.0, 80, 22050, "slaney"), (257, 0.0, 8000.0, 64, 16000, None)]:
-        assert torch.equal(mel.mel_filterbank(*args), ta.functional.melscale_fbanks(*args))
-    wav = torch.randn(2, 9000)
-    ours = mel.MelSpectrogram(16000, n_fft=512, win_length=400, hop_length=160, n_mels=64,
-                              window_fn=torch.hamming_window)
-    theirs = ta.transforms.MelSpectrogram(sample_rate=16000, n_fft=512, win_length=400, hop_length=160,
-                                          window_fn=torch.hamming_window, n_mels=64)
-    assert ours.state_dict().keys() == theirs.state_dict().keys()
-    close(ours(wav), theirs(wav), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("orig, new", [(44100, 22050), (22050, 16000), (48000, 22050), (8000, 22050)])
 def test_own_resampler_equals_torchaudio(orig, new):
     wav = torch.randn(2, 3, 7001)
@@ -171,11 +159,23 @@ def test_encode_voice_errors_and_warnings(small, io_cond):
     assert len(short.warnings) == 1 and "2.5 s" in short.warnings[0]
 
 
-def test_voice_without_torchaudio(small, io_cond, monkeypatch):
-    """ComfyUI installs may lack torchaudio: the profile is then computed with our own resampler, same result."""
-    clip = resampling.resample(io_cond["wav_22050"][:, :22050 * 3], 22050, 44100)
-    with_ta = encode_voice(small, [(clip, 44100)])
-    monkeypatch.setattr(resampling, "_torchaudio_resample", lambda: None)
-    without = encode_voice(small, [(clip, 44100)])
-    close(without.gpt_cond_latent, with_ta.gpt_cond_latent, atol=1e-5, rtol=1e-5)
-    close(without.speaker_embedding, with_ta.speaker_embedding, atol=1e-6, rtol=0)
+def test_resample_uses_torchaudio_and_falls_back_only_when_it_is_absent(monkeypatch):
+    import sys
+    import types
+
+    import torchaudio
+
+    wav = torch.randn(1, 4410)
+    calls = []
+    monkeypatch.setattr(resampling, "resample_sinc", lambda *a: calls.append(a) or torch.zeros(1, 1600))
+    assert torch.equal(resampling.resample(wav, 44100, 16000), torchaudio.functional.resample(wav, 44100, 16000))
+    assert calls == []  # installed: torchaudio's own
+    monkeypatch.setitem(sys.modules, "torchaudio", None)  # absent: `import torchaudio` raises ModuleNotFoundError
+    resampling.resample(wav, 44100, 16000)
+    assert len(calls) == 1  # ours
+    # Installed but broken (here: its `functional` part cannot be imported): the error shows, no silent fallback.
+    monkeypatch.setitem(sys.modules, "torchaudio", types.ModuleType("torchaudio"))
+    monkeypatch.delitem(sys.modules, "torchaudio.functional")
+    with pytest.raises(ModuleNotFoundError, match="torchaudio.functional"):
+        resampling.resample(wav, 44100, 16000)
+    assert len(calls) == 1

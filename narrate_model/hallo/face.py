@@ -9,6 +9,7 @@ square input: a square portrait with a large face is used whole, as Hallo uses i
 
 OpenCV (`cv2`, installed with mediapipe) does the 64x64 resize, Gaussian blur and min-max normalisation, so the
 masks equal Hallo's bit for bit; PIL does the bilinear antialiased resizes torchvision's `Resize` does on PIL images.
+cv2 is imported where it is used, so ComfyUI's start does not load OpenCV.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -129,6 +129,8 @@ def _box_region(box: tuple[int, int, int, int], size: int) -> np.ndarray:
 
 def _blur(region: np.ndarray, kernel: int) -> np.ndarray:
     """Hallo's get_blur_mask: bilinear resize to 64x64, Gaussian blur (sigma from the kernel), min-max to 0..255."""
+    import cv2
+
     small = cv2.resize(region, (BLUR_SIZE, BLUR_SIZE))
     return cv2.normalize(cv2.GaussianBlur(small, (kernel, kernel), 0), None, 0, 255, cv2.NORM_MINMAX)
 
@@ -202,6 +204,7 @@ def _landmarker(path: str):
 
 def detect_landmarks(landmarker, rgb: np.ndarray) -> list[np.ndarray]:
     """Every face's 478 landmarks [478, 2] in pixels of `rgb`, as Hallo: [x * width, y * height]."""
+    import cv2
     import mediapipe as mp
 
     height, width = rgb.shape[:2]

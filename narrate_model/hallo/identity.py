@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -49,6 +48,8 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def align_face(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """insightface's norm_crop: the 112x112 ArcFace crop (bilinear warp, black outside the image)."""
+    import cv2  # here, not at module level: OpenCV loads when a face is encoded, not when ComfyUI starts
+
     matrix = similarity_transform(five_points(landmarks), ARCFACE_TEMPLATE)
     return cv2.warpAffine(rgb, matrix, (ALIGNED_SIZE, ALIGNED_SIZE), borderValue=0.0)
 
