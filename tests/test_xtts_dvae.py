@@ -10,7 +10,7 @@ from conftest import FIXTURES
 from narrate_model.errors import CheckpointError
 from narrate_model.xtts.dvae import (DVAEConfig, DiscreteVAE, config_from_state_dict, dvae_mel, load_dvae,
                                      load_mel_stats, speech_codes)
-from narrate_model.xtts.mel import CLONING_SAMPLE_RATE, MelSpectrogram
+from narrate_model.xtts.mel import CLONING_SAMPLE_RATE, mel_spectrogram
 
 XTTS = FIXTURES / "xtts"
 
@@ -46,7 +46,7 @@ def test_mel_and_codes_equal_upstream_exactly(io, small_dvae):
 
 
 def _mel_variant(wav, norms, hop=256, clamp=True):
-    mel = MelSpectrogram(CLONING_SAMPLE_RATE, n_fft=1024, win_length=1024, hop_length=hop, n_mels=80, f_min=0.0,
+    mel = mel_spectrogram(CLONING_SAMPLE_RATE, n_fft=1024, win_length=1024, hop_length=hop, n_mels=80, f_min=0.0,
                          f_max=8000.0, norm="slaney")(wav)
     mel = torch.log(torch.clamp(mel, min=1e-5) if clamp else mel)
     return mel / norms[None, :, None]

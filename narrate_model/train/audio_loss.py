@@ -9,8 +9,8 @@
   target speech at the vocoder's 24 kHz, over each clip's own frames. One GPT pass serves both terms, so these
   latents carry GPTTrainer's attention mask (which hides each text's own stop token; inference shows it): a small
   difference from inference latents, against a second full GPT pass per step.
-  The mel is the pack's `MelSpectrogram` with XTTS's cloning-mel analysis (n_fft 2048, window 1024, hop 256,
-  80 slaney-normalised HTK bands 0-8 kHz, log of the power clamped at 1e-5), taken at 24 kHz: it is the spectrogram
+  The mel is the pack's front end (torchaudio's MelSpectrogram) with XTTS's cloning-mel analysis (n_fft 2048,
+  window 1024, hop 256, 80 slaney-normalised HTK bands 0-8 kHz, log of the power clamped at 1e-5), taken at 24 kHz: it is the spectrogram
   XTTS itself reads a voice through (its conditioning encoder's input), it weighs the speech band where timbre and
   intelligibility live, and hop 256 gives every GPT latent about 4.35 frames of its own. Not divided by `mel_stats`
   (that per-band divisor would only re-weight bands).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import NarrateInputError
 from ..xtts.gpt_train import cond_latents_from_mels, forward_train
-from ..xtts.mel import MelSpectrogram
+from ..xtts.mel import mel_spectrogram
 
 LOG_CLAMP = 1e-5
 
@@ -59,8 +59,8 @@ class AudioBatch:
 
 
 @lru_cache(maxsize=4)
-def _mel_module(sample_rate: int, device: torch.device) -> MelSpectrogram:
-    return MelSpectrogram(sample_rate, n_fft=2048, win_length=1024, hop_length=256, n_mels=80, f_min=0.0,
+def _mel_module(sample_rate: int, device: torch.device) -> torch.nn.Module:
+    return mel_spectrogram(sample_rate, n_fft=2048, win_length=1024, hop_length=256, n_mels=80, f_min=0.0,
                           f_max=8000.0, norm="slaney").to(device)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..state_dict import key_mismatch, read_checkpoint
-from .mel import CLONING_SAMPLE_RATE, MelSpectrogram
+from .mel import CLONING_SAMPLE_RATE, mel_spectrogram
 
 STRIDE = 2
 # Buffers that only training the DVAE itself updates; a file without them still encodes (upstream loads non-strict).
@@ -146,8 +146,8 @@ class DiscreteVAE(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------------- mel
 @lru_cache(maxsize=4)
-def _dvae_mel_module(device: torch.device) -> MelSpectrogram:
-    return MelSpectrogram(CLONING_SAMPLE_RATE, n_fft=1024, win_length=1024, hop_length=256, n_mels=80,
+def _dvae_mel_module(device: torch.device) -> torch.nn.Module:
+    return mel_spectrogram(CLONING_SAMPLE_RATE, n_fft=1024, win_length=1024, hop_length=256, n_mels=80,
                           f_min=0.0, f_max=8000.0, norm="slaney").to(device)
 
 

@@ -35,9 +35,15 @@ def _mel_class() -> type[nn.Module]:
     return FloatMel
 
 
+def mel_spectrogram(sample_rate: int, **kwargs) -> nn.Module:
+    """torchaudio's MelSpectrogram (keyword arguments as torchaudio's), computed in the input's dtype: the one mel
+    front end of the pack (cloning, speaker, DVAE and training-loss mels)."""
+    return _mel_class()(sample_rate, **kwargs)
+
+
 @lru_cache(maxsize=4)
 def _cloning_mel_module(device: torch.device) -> nn.Module:
-    return _mel_class()(CLONING_SAMPLE_RATE, n_fft=2048, win_length=1024, hop_length=256, n_mels=80,
+    return mel_spectrogram(CLONING_SAMPLE_RATE, n_fft=2048, win_length=1024, hop_length=256, n_mels=80,
                           f_min=0.0, f_max=8000.0, norm="slaney").to(device)
 
 
@@ -58,6 +64,6 @@ def speaker_mel(audio_config: dict) -> nn.Module:
     Built on the CPU even when the model is laid out on the meta device: torchaudio checks the filterbank's values
     while building it. The checkpoint's buffers replace these when it loads."""
     with torch.device("cpu"):
-        return _mel_class()(audio_config["sample_rate"], n_fft=audio_config["fft_size"],
+        return mel_spectrogram(audio_config["sample_rate"], n_fft=audio_config["fft_size"],
                               win_length=audio_config["win_length"], hop_length=audio_config["hop_length"],
                               n_mels=audio_config["num_mels"], window_fn=torch.hamming_window)
