@@ -2,10 +2,10 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .common import register_model_folders
-from . import narrate, speech, video, weights
+from . import narrate, speech, train, video, weights
 from .mux import AVMux
 
-NODES: list[type[io.ComfyNode]] = [*speech.NODES, *video.NODES, *narrate.NODES, AVMux, *weights.NODES]
+NODES: list[type[io.ComfyNode]] = [*speech.NODES, *video.NODES, *narrate.NODES, AVMux, *weights.NODES, *train.NODES]
 
 
 class NarrateExtension(ComfyExtension):
