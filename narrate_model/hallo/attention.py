@@ -38,6 +38,15 @@ class Attention(nn.Module):
         return self.attend(self.to_q(x), self.to_k(context), self.to_v(context))
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that hands autograd a contiguous input. torch 2.11's CPU backward crashes (segfault) on a
+    channels-last input that needs no gradient when the affine weights do (the hidden-state layout after our 1x1
+    convs and motion modules). Without autograd the input is used as is, so inference results are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous() if torch.is_grad_enabled() else x)
+
+
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
@@ -135,16 +144,19 @@ class ImageTransformer(nn.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([ReferenceTransformerBlock(channels, heads, context_dim)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.bank_key = ""  # this block's name in the ReferenceNet; set by the UNet
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, read: Optional[ReferenceRead], frames: int):
-        """x [(b f), C, H, W], context [(b f), T, D] -> (x', motion-frame features [b, M, H*W, C] or None)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, bank: Optional[torch.Tensor], frames: int,
+                uncond_plain: bool = False):
+        """x [(b f), C, H, W], context [(b f), T, D], bank: this block's ReferenceNet features (see ReferenceRead) or
+        None (no reference) -> (x', motion-frame features [b, M, H*W, C] or None)."""
         _, _, height, width = x.shape
         h = _tokens(self.proj_in(self.norm(x)))
+        read = None if bank is None else ReferenceRead(bank, uncond_plain)
         h, motion = self.transformer_blocks[0](h, context, read, frames)
         return self.proj_out(_map(h, height, width)) + x, motion
 
@@ -188,7 +200,7 @@ class AudioTransformer(nn.Module):
     def __init__(self, channels: int, inner: int, heads: int, audio_dim: int, level: int, groups: int = 32):
         super().__init__()
         self.level = level  # which mask resolution this block uses (0 = largest)
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList([AudioTransformerBlock(inner, heads, audio_dim)])
         self.proj_out = nn.Conv2d(inner, channels, 1)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .attention import Attention, FeedForward
+from .attention import Attention, FeedForward, GroupNorm
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class TemporalTransformerBlock(nn.Module):
 class TemporalTransformer(nn.Module):
     def __init__(self, channels: int, config: MotionModuleConfig, groups: int = 32):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             [TemporalTransformerBlock(channels, config) for _ in range(config.num_transformer_block)])

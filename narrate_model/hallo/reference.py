@@ -38,27 +38,35 @@ def build_reference_unet(config: UNet3DConfig) -> UNet2DConditionModel:
     return unet
 
 
-@torch.no_grad()
-def write_banks(reference_unet: UNet2DConditionModel, ref_latents: torch.Tensor,
-                face_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run the ReferenceNet once and return each transformer block's `norm1` output, by block name.
+def fp16_rounded(x: torch.Tensor) -> torch.Tensor:
+    """Hallo's `ReferenceAttentionControl.update` stores the banks in float16, even in an fp32 model. Without autograd
+    the bank is an fp16 tensor; with it, the same rounded values stay in x's dtype (x + (round(x) - x) is exact), so
+    the gradient into the ReferenceNet's inputs is not itself rounded to fp16."""
+    if not x.requires_grad:
+        return x.to(torch.float16)
+    return x + (x.to(torch.float16).to(x.dtype) - x).detach()
 
-    ref_latents [S, 4, h, w]: scaled latents of the reference image followed by the motion frames.
-    face_tokens [B, T, D]: B = 2 ([uncond, cond]) with CFG, else 1.
-    Returns {name: [(B S), h*w, C]} in float16, the precision Hallo's `ReferenceAttentionControl.update` stores.
+
+def reference_banks(reference_unet: UNet2DConditionModel, ref_latents: torch.Tensor,
+                    face_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the ReferenceNet once and return each transformer block's `norm1` output, by block name (with autograd
+    when it is recording: training sends gradients through the banks into the reference latents and face tokens).
+
+    ref_latents [(B S), 4, h, w]: per batch item the scaled latents of the reference image, then its motion frames.
+    face_tokens [B, T, D]: one set per batch item (with CFG: B = 2, [uncond, cond]).
+    Returns {name: [(B S), h*w, C]}, rounded to float16 as Hallo's reader stores them (see `fp16_rounded`).
     """
-    images, halves = ref_latents.shape[0], face_tokens.shape[0]
     dtype = reference_unet.conv_in.weight.dtype
-    latents = ref_latents.to(dtype).repeat(halves, 1, 1, 1)  # [r, m1, m2] per CFG half
-    # quirk: Hallo's writer repeats the [u, c] tokens image-wise, so the batch [r,m1,m2,r,m1,m2] is paired with
-    # [u,c,u,c,u,c] (e.g. m1 of the first half sees the cond tokens); reproduced for bit fidelity
-    tokens = face_tokens.to(dtype).repeat(images, 1, 1)
+    latents = ref_latents.to(dtype)
+    # quirk: Hallo's writer repeats the tokens image-wise (`tokens.repeat(S)`), so with B = 2 the batch
+    # [r,m1,m2,r,m1,m2] is paired with [u,c,u,c,u,c] (e.g. m1 of the first half sees the cond tokens); reproduced
+    tokens = face_tokens.to(dtype).repeat(latents.shape[0] // face_tokens.shape[0], 1, 1)
     banks: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in reference_unet.named_modules():
         if isinstance(module, BasicTransformerBlock):
             def keep(_module, _inputs, output, name=name):
-                banks[name] = output.to(torch.float16)  # quirk: banks are rounded to fp16 even in an fp32 model
+                banks[name] = fp16_rounded(output)
             hooks.append(module.norm1.register_forward_hook(keep))
     try:
         timestep = torch.zeros((), device=latents.device)
@@ -68,3 +76,14 @@ def write_banks(reference_unet: UNet2DConditionModel, ref_latents: torch.Tensor,
             hook.remove()
     return banks
 
+
+@torch.no_grad()
+def write_banks(reference_unet: UNet2DConditionModel, ref_latents: torch.Tensor,
+                face_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sampler's banks: the same reference and motion frames for every CFG half.
+
+    ref_latents [S, 4, h, w]: scaled latents of the reference image followed by the motion frames.
+    face_tokens [B, T, D]: B = 2 ([uncond, cond]) with CFG, else 1.
+    Returns {name: [(B S), h*w, C]} in float16, the precision Hallo's `ReferenceAttentionControl.update` stores.
+    """
+    return reference_banks(reference_unet, ref_latents.repeat(face_tokens.shape[0], 1, 1, 1), face_tokens)

@@ -4,24 +4,35 @@ Layout: SD1.5 (320/640/1280/1280, 8 heads, face-token cross-attention) with, in 
 resnet -> image transformer (reads the ReferenceNet bank) -> audio transformer -> AnimateDiff motion module.
 
 Hallo's inference leaves this UNet in training mode with gradient checkpointing on, so its blocks take their
-"training" branch; this port implements exactly that branch (the eval branch gives different videos):
+"training" branch, our default (`motion_frames_branch=True`; the eval branch gives different videos):
   * the two motion-frame features from the reference bank are put in front of the frames before each motion module
-    of the cross-attention blocks and the mid block;
+    of the cross-attention blocks and the mid block (four zero frames when there is no bank: Hallo's hard-coded 4);
   * `DownBlock3D` (down 3) and `UpBlock3D` (up 0) skip their motion modules (the weights are in net.pth, unused).
+The eval branch (`motion_frames_branch=False`: no motion frames except in the mid block, every motion module runs) is
+what Hallo's training script runs when gradient checkpointing is off.
+
+Gradient checkpointing (`checkpointing="reentrant"` or `"non_reentrant"`, only while autograd records) wraps each
+resnet, image transformer, audio transformer and motion module of the down and up blocks separately, as Hallo does;
+the mid block is never checkpointed. Every tensor a segment reads is passed to it explicitly (the reference bank
+too), so reentrant checkpointing sees the same inputs Hallo's does and gradients reach the bank's producers.
 Hidden states are kept per frame, `[(b f), C, H, W]`; only motion modules look across frames.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import AudioTransformer, ImageTransformer, ReferenceRead
+from .attention import AudioTransformer, GroupNorm, ImageTransformer
 from .motion import MotionModule, MotionModuleConfig
+
+CHECKPOINTING_MODES = (None, "reentrant", "non_reentrant")
+EMPTY_BANK_MOTION_FRAMES = 4  # Hallo's zero motion frames when the reader bank is empty (hard-coded, not n_motion)
 
 
 @dataclass(frozen=True)
@@ -54,31 +65,40 @@ class StepContext:
     motion_scale: Sequence[float]
     banks: Optional[Mapping[str, torch.Tensor]]
     uncond_plain: bool
+    motion_frames_branch: bool = True
+    checkpointing: Optional[str] = None
 
-    def read(self, key: str) -> Optional[ReferenceRead]:
-        return None if self.banks is None else ReferenceRead(self.banks[key], self.uncond_plain)
+    def bank(self, key: str) -> Optional[torch.Tensor]:
+        return None if self.banks is None else self.banks[key]
 
+    def run(self, segment: Callable, *args):
+        """segment(*args), through gradient checkpointing when it is on and autograd is recording."""
+        if self.checkpointing is None or not torch.is_grad_enabled():
+            return segment(*args)
+        return checkpoint(segment, *args, use_reentrant=self.checkpointing == "reentrant")
 
-def motion_prefix(features: Optional[torch.Tensor], height: int, width: int) -> Optional[torch.Tensor]:
-    """Reference-bank motion-frame features [b, M, H*W, C] -> [b, M, C, H, W]."""
-    if features is None:
-        return None
-    return features.transpose(2, 3).unflatten(3, (height, width))
+    def motion_prefix(self, features: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Motion-frame features [b, M, H*W, C] from the bank -> [b, M, C, H, W] for the motion module; Hallo's four
+        zero frames when the reference was dropped (no bank)."""
+        height, width = x.shape[-2:]
+        if features is None:
+            return x.new_zeros(x.shape[0] // self.frames, EMPTY_BANK_MOTION_FRAMES, x.shape[1], height, width)
+        return features.transpose(2, 3).unflatten(3, (height, width))
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb_channels: int, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.norm1 = GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.norm2 = GroupNorm(groups, cout, eps=eps)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        t = self.time_emb_proj(F.silu(ctx.temb)).repeat_interleave(ctx.frames, dim=0)
+        t = self.time_emb_proj(F.silu(temb)).repeat_interleave(frames, dim=0)
         h = self.conv2(F.silu(self.norm2(h + t[:, :, None, None])))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
@@ -117,12 +137,13 @@ class CrossAttnLayers(nn.Module):
             [MotionModule(cout, config.motion) for _ in resnet_in] if use_motion else [])
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = self.resnets[i](x, ctx)
+        x = ctx.run(self.resnets[i], x, ctx.temb, ctx.frames)
         attention = self.attentions[i]
-        x, motion = attention(x, ctx.face_tokens, ctx.read(attention.bank_key), ctx.frames)
-        x = self.audio_modules[i](x, ctx.audio, ctx.masks, ctx.motion_scale)
+        x, motion = ctx.run(attention, x, ctx.face_tokens, ctx.bank(attention.bank_key), ctx.frames, ctx.uncond_plain)
+        x = ctx.run(self.audio_modules[i], x, ctx.audio, ctx.masks, ctx.motion_scale)
         if len(self.motion_modules):
-            x = self.motion_modules[i](x, ctx.frames, motion_prefix(motion, *x.shape[-2:]))
+            prefix = ctx.motion_prefix(motion, x) if ctx.motion_frames_branch else None
+            x = ctx.run(self.motion_modules[i], x, ctx.frames, prefix)
         return x
 
 
@@ -145,6 +166,21 @@ class CrossAttnDownBlock(CrossAttnLayers):
         return x, skips
 
 
+def plain_layers(resnets: nn.ModuleList, motion_modules: nn.ModuleList, x: torch.Tensor, ctx: StepContext,
+                 skips: Optional[list[torch.Tensor]] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The resnet (-> motion module) layers of `DownBlock3D` / `UpBlock3D`; an up block pops `skips`. The motion
+    modules run in the eval branch only. Returns the output and every layer's output."""
+    outputs = []
+    for i, resnet in enumerate(resnets):
+        if skips is not None:
+            x = torch.cat([x, skips.pop()], dim=1)
+        x = ctx.run(resnet, x, ctx.temb, ctx.frames)
+        if len(motion_modules) and not ctx.motion_frames_branch:
+            x = ctx.run(motion_modules[i], x, ctx.frames, None)
+        outputs.append(x)
+    return x, outputs
+
+
 class DownBlock(nn.Module):
     """`DownBlock3D`: resnets only at inference (training branch); its motion modules are loaded but skipped."""
 
@@ -159,10 +195,7 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample(cout)]) if add_downsample else None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for resnet in self.resnets:
-            x = resnet(x, ctx)
-            skips.append(x)
+        x, skips = plain_layers(self.resnets, self.motion_modules, x, ctx)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
@@ -183,13 +216,14 @@ class MidBlock(nn.Module):
             [MotionModule(channels, config.motion)] if config.motion_module_mid_block else [])
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = self.resnets[0](x, ctx)
+        # never checkpointed, and the motion frames are used in both branches (as Hallo's mid block)
+        x = self.resnets[0](x, ctx.temb, ctx.frames)
         attention = self.attentions[0]
-        x, motion = attention(x, ctx.face_tokens, ctx.read(attention.bank_key), ctx.frames)
+        x, motion = attention(x, ctx.face_tokens, ctx.bank(attention.bank_key), ctx.frames, ctx.uncond_plain)
         x = self.audio_modules[0](x, ctx.audio, ctx.masks, ctx.motion_scale)
         if len(self.motion_modules):
-            x = self.motion_modules[0](x, ctx.frames, motion_prefix(motion, *x.shape[-2:]))
-        return self.resnets[1](x, ctx)
+            x = self.motion_modules[0](x, ctx.frames, ctx.motion_prefix(motion, x))
+        return self.resnets[1](x, ctx.temb, ctx.frames)
 
 
 def up_resnet_inputs(cin: int, cout: int, prev: int, layers: int) -> list[int]:
@@ -229,8 +263,7 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(cout)]) if add_upsample else None
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(torch.cat([x, skips.pop()], dim=1), ctx)
+        x, _ = plain_layers(self.resnets, self.motion_modules, x, ctx, skips)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, skips[-1].shape[-2:])
         return x
@@ -283,7 +316,7 @@ class DenoisingUNet(nn.Module):
             self.up_blocks.append(block)
         self.mid_block = MidBlock(channels[-1], temb, config)
 
-        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
         # each image transformer reads the bank of the ReferenceNet block with the same name (Hallo pairs the
@@ -305,7 +338,8 @@ class DenoisingUNet(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, face_tokens: torch.Tensor, audio_tokens: torch.Tensor,
                 masks: Sequence[Sequence[torch.Tensor]], mask_cond_fea: Optional[torch.Tensor] = None,
                 banks: Optional[Mapping[str, torch.Tensor]] = None, motion_scale: Sequence[float] = (1.0, 1.0, 1.0),
-                uncond_plain: bool = False) -> torch.Tensor:
+                uncond_plain: bool = False, motion_frames_branch: bool = True,
+                checkpointing: Optional[str] = None) -> torch.Tensor:
         """One denoising call.
 
         sample [b, 4, f, h, w] (scaled latents); timestep scalar; face_tokens [b, T, D]; audio_tokens [b, f, N, Da];
@@ -313,8 +347,13 @@ class DenoisingUNet(nn.Module):
         mask_cond_fea [b, C0, f, h, w] (FaceLocator output, zeros for CFG's uncond half);
         banks: ReferenceNet `norm1` outputs by block name (see `reference.write_banks`);
         uncond_plain: the first half of the batch is CFG's unconditional half (plain self-attention there).
+        motion_frames_branch: Hallo's training branch (inference's); False = its eval branch (see the module doc).
+        checkpointing: None, "reentrant" (Hallo's: a segment whose explicit inputs need no gradient passes none on)
+          or "non_reentrant" (every trainable weight used gets its gradient); applies only while autograd records.
         Returns the model output [b, 4, f, h, w] (v-prediction for Hallo).
         """
+        if checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {checkpointing!r}")
         b, _, frames, height, width = sample.shape
         dtype = self.conv_in.weight.dtype
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
@@ -326,7 +365,8 @@ class DenoisingUNet(nn.Module):
             face_tokens=face_tokens.to(dtype).repeat_interleave(frames, dim=0),
             audio=audio_tokens.to(dtype).flatten(0, 1),
             masks=[[m.to(dtype) for m in region] for region in masks],
-            motion_scale=motion_scale, banks=banks, uncond_plain=uncond_plain)
+            motion_scale=motion_scale, banks=banks, uncond_plain=uncond_plain,
+            motion_frames_branch=motion_frames_branch, checkpointing=checkpointing)
 
         x = self.conv_in(sample.to(dtype).transpose(1, 2).flatten(0, 1))
         if mask_cond_fea is not None:
