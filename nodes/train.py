@@ -125,6 +125,13 @@ class Personalize(io.ComfyNode):
                                lib.next_free(os.path.join(folder_paths.get_output_directory(), "narrate",
                                                           "personalize"), name, "").name)
         bar = comfy.utils.ProgressBar(steps)
+
+        def progress(done: int, total: int) -> None:
+            # ComfyUI's progress hook raises on Cancel; once cancelled, leave the stop to should_stop so the loop
+            # saves the step reached and writes the entangler
+            if not mm.processing_interrupted():
+                bar.update_absolute(done, total)
+
         start = None if entangler is None else (entangler.path or entangler.mode)
         clip = lib.frames_to_clip(images, fps, audio["waveform"][0], audio["sample_rate"])
         try:
@@ -133,7 +140,7 @@ class Personalize(io.ComfyNode):
                 done = lib.personalize(models, net, clip, text, model_folder("narrate_entangle"), name,
                                        run_dir, PrepareSettings(size=size, voice_seconds=voice_seconds,
                                                                 language=language), config, start,
-                                       progress=lambda d, t: bar.update_absolute(d, t),
+                                       progress=progress,
                                        should_stop=mm.processing_interrupted)
         except Skip as skip:
             raise ValueError(f"{NODE}: input 'images'/'audio': the video cannot be trained on ({skip})") from skip
