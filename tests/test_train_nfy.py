@@ -172,3 +172,14 @@ def test_build_run_refuses_an_empty_dataset_and_other_base_checkpoints(prepared,
                                                   for r in rows))
     with pytest.raises(NarrateInputError, match="holds no accepted sample"):
         build_run(empty, prepared["models_dir"], config, paths=prepared["paths"], device="cpu")
+
+
+def test_a_personalised_entangler_never_overwrites_an_earlier_one(tmp_path):
+    from narrate_model.train.personalize import next_free
+
+    assert next_free(tmp_path, "me") == tmp_path / "me.safetensors"
+    (tmp_path / "me.safetensors").write_bytes(b"")
+    assert next_free(tmp_path, "me") == tmp_path / "me_2.safetensors"
+    (tmp_path / "me_2.card.json").write_text("{}")  # a card alone also holds the name
+    assert next_free(tmp_path, "me") == tmp_path / "me_3.safetensors"
+    assert next_free(tmp_path, "../x y") == tmp_path / "x_y.safetensors"  # stays in the folder
