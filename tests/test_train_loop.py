@@ -487,12 +487,12 @@ def test_lora_trains_in_the_loop_and_saves_only_adapters(tmp_path):
 
 # -- command line -----------------------------------------------------------------------------------------------------
 
-def test_cli_refuses_without_the_nfy_objective(tmp_path, capsys):
+def test_cli_refuses_a_folder_that_is_no_dataset(tmp_path, capsys):
     from narrate_model.__main__ import main
 
     (tmp_path / "data").mkdir()
     assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]) == 2
-    assert "the NFY objective is not available in this build" in capsys.readouterr().err
+    assert "is not a prepared dataset (no dataset.json)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing was trained or written
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
     assert "holds no checkpoint to resume from" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from . import checkpoint
 from .config import LENGTH_FIELDS, TrainConfig
 
 COMMAND_FILE = "command.json"  # the dataset and models folders of a run, so `--resume RUN` needs nothing else
+MODEL_PATHS = ("xtts", "hallo", "dvae", "mel_stats", "vae", "wav2vec2", "landmarker", "identity_model")
 
 
 def _optional(kind):
@@ -45,6 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the trained entangler and its model card)")
     parser.add_argument("--resume", type=Path, metavar="RUN", help="continue RUN from its newest checkpoint, with its "
                         "own config (only --epochs / --max-steps may change, to extend it)")
+    models = parser.add_argument_group("models (default: the --models-dir layout; the dataset's files must match)")
+    for name, what in (("xtts", "XTTS-v2 folder"), ("hallo", "Hallo's net.pth / net.safetensors"),
+                       ("dvae", "dvae.pth"), ("mel-stats", "mel_stats.pth"), ("vae", "the SD VAE"),
+                       ("wav2vec2", "wav2vec2-base-960h folder"), ("landmarker", "face_landmarker.task"),
+                       ("identity-model", "ArcFace ONNX model")):
+        models.add_argument(f"--{name}", type=Path, help=f"path of the {what} (as given to prepare)")
+    models.add_argument("--entangler", default="ETE", help="the entangler to start from: ETE or STE (identity "
+                        "initialisation) or an entangler .safetensors (default: ETE)")
+    models.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     recipe = parser.add_argument_group("recipe (defaults: NFY's)")
     for f in fields(TrainConfig):
         flag, default, kind = "--" + f.name.replace("_", "-"), _default(f), str(f.type)
@@ -103,12 +113,18 @@ def run(args: argparse.Namespace) -> int:
         else:
             if args.data is None or args.out is None:
                 raise ValueError("give --data DATASET and --out RUN (or --resume RUN)")
-            run_dir, data, config = args.out, args.data, config_from_args(args)
-        setup = build_run(data, args.models_dir, config)
+            run_dir, data, config, recorded = args.out, args.data, config_from_args(args), {}
+        # a resume reads the model paths the run started with unless they are given again
+        earlier = recorded.get("paths", {}) if args.resume else {}
+        paths = {n: getattr(args, n, None) or (Path(earlier[n]) if earlier.get(n) else None) for n in MODEL_PATHS}
+        models_dir = Path(recorded["models_dir"]) if args.resume and "models_dir" in recorded else args.models_dir
+        setup = build_run(data, models_dir, config, paths=paths, entangler=getattr(args, "entangler", None),
+                          device=getattr(args, "device", None))
         if main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / COMMAND_FILE).write_text(json.dumps({"data": str(Path(data).resolve()),
-                                                            "models_dir": str(Path(args.models_dir).resolve())}))
+            (run_dir / COMMAND_FILE).write_text(json.dumps({
+                "data": str(Path(data).resolve()), "models_dir": str(Path(models_dir).resolve()),
+                "paths": {n: str(Path(p).resolve()) for n, p in paths.items() if p is not None}}))
         result = train(config, setup.objective, setup.trainable, setup.train_items, setup.val_items, run_dir,
                        resume=bool(args.resume), progress=_progress if main_process else None,
                        collate=setup.collate, manifest_sha256=setup.manifest_sha256,

@@ -95,18 +95,9 @@ def load_vae_moments(path: Path, device):
     return moments
 
 
-def load_models(args):
-    """The frozen encoders named by the arguments, and the SHA-256 of every file they were read from."""
-    import torch
-
-    from ..hallo.audio import load_wav2vec
-    from ..weights import sha256_file
-    from ..xtts.checkpoint import load_xtts
-    from ..xtts.dvae import load_dvae, load_mel_stats
-    from ..xtts.text import XttsTokenizer
-    from .data import PrepareModels
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def model_files(args) -> dict[str, Path]:
+    """The file of every base checkpoint the arguments name (what a dataset records the SHA-256 of; training checks
+    the same files against it)."""
     xtts_dir = _require(_path(args, "xtts"), "xtts")
     files = {"xtts": _weights_file(xtts_dir, ("model.safetensors", "model.pth")),
              "xtts_config": xtts_dir / "config.json", "xtts_vocab": xtts_dir / "vocab.json",
@@ -120,7 +111,23 @@ def load_models(args):
         files["mel_stats"] = _require(mel_stats, "mel-stats")
     if args.identity_model:
         files["identity_model"] = _require(args.identity_model, "identity-model")
-    xtts, _ = load_xtts(xtts_dir, device=device)
+    return files
+
+
+def load_models(args):
+    """The frozen encoders named by the arguments, and the SHA-256 of every file they were read from."""
+    import torch
+
+    from ..hallo.audio import load_wav2vec
+    from ..weights import sha256_file
+    from ..xtts.checkpoint import load_xtts
+    from ..xtts.dvae import load_dvae, load_mel_stats
+    from ..xtts.text import XttsTokenizer
+    from .data import PrepareModels
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    files = model_files(args)
+    xtts, _ = load_xtts(files["xtts"].parent, device=device)
     models = PrepareModels(
         xtts=xtts, tokenizer=XttsTokenizer(files["xtts_vocab"]), dvae=load_dvae(files["dvae"], device),
         # mel_stats.pth is the same 80-vector model.pth carries: without the file, take the loaded model's
