@@ -17,7 +17,8 @@ from comfy_server import PACK_NAME, messages_of
 from workflow_tools import EXAMPLE_INPUTS, MODEL_DIRECTORIES, TEMPLATES, WORKFLOWS, api_workflows, ui_path
 
 FPS = 25
-NAMES = ["narrate", "narrate_simple", "speech_only", "animate_from_audio"]
+RUN_NAMES = ["narrate", "narrate_simple", "speech_only", "animate_from_audio"]
+NAMES = [*RUN_NAMES, "personalize_narrate"]  # its graph runs in test_server_train.py (training is slow here)
 
 
 SMALL_SETTINGS = {"size": 64, "steps": 1, "max_codes": 20}
@@ -46,7 +47,7 @@ def strip_meta(prompt: dict) -> dict:
 
 
 VIDEO_MAKERS = {"NFY_AVMux", "NFY_StreamToMP4", "NFY_Narrate"}
-MEDIA = {"LoadImage": "image", "LoadAudio": "audio"}  # the core loaders of input files and their file input
+MEDIA = {"LoadImage": "image", "LoadAudio": "audio", "LoadVideo": "file"}  # the core loaders of input files and their file input
 
 
 def with_speech_probe(prompt: dict) -> dict:
@@ -103,7 +104,7 @@ def test_the_speech_check_fails_on_a_cut_or_replaced_track():
         check_speech_kept(speech, broken)
 
 
-def test_the_four_workflows_are_shipped_in_both_formats():
+def test_every_workflow_is_shipped_in_both_formats():
     assert sorted(api_workflows()) == sorted(NAMES) == sorted(TEMPLATES)
     assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == sorted(f"{t}.json" for t in TEMPLATES.values())
 
@@ -142,7 +143,7 @@ def test_templates_carry_the_frontends_model_metadata_from_our_registry(comfy):
                 assert meta["directory"] in folders  # a model folder this server knows
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", RUN_NAMES)
 def test_ui_workflow_converts_to_its_api_twin_and_runs(comfy, small_models, name):
     prompt = converted(comfy, name)
     assert strip_meta(prompt) == strip_meta(api_workflows()[name])

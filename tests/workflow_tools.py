@@ -17,7 +17,8 @@ API = WORKFLOWS / "api"
 EXAMPLE_INPUTS = WORKFLOWS / "inputs"  # what the templates name; the pack copies them into ComfyUI's input/
 # API name -> template title (the UI file's name without .json)
 TEMPLATES = {"narrate_simple": "Narrate a portrait (one node)", "narrate": "Narrate a portrait (every stage)",
-             "speech_only": "Clone a voice (speech only)", "animate_from_audio": "Animate a portrait from speech"}
+             "speech_only": "Clone a voice (speech only)", "animate_from_audio": "Animate a portrait from speech",
+             "personalize_narrate": "Personalize from a video, then narrate"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN, ROW = 420, 40
 
@@ -99,6 +100,11 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
             value = api["inputs"].get(name, (spec[1] if len(spec) > 1 else {}).get("default"))
             options = spec[1] if len(spec) > 1 else {}
             if _is_widget(spec):
+                link = link_by_target.get((node_id, name))
+                if link:  # a widget fed by a link (e.g. fps from Get Video Components): an input that names it
+                    link[4], link[5] = len(inputs), spec[0] if isinstance(spec[0], str) else "COMBO"
+                    inputs.append({"name": name, "type": link[5], "link": link[0], "widget": {"name": name}})
+                    value = options.get("default")
                 widgets.append(value)
                 if options.get("control_after_generate"):
                     widgets.append("fixed")
