@@ -10,9 +10,10 @@
   latents carry GPTTrainer's attention mask (which hides each text's own stop token; inference shows it): a small
   difference from inference latents, against a second full GPT pass per step.
   The mel is the pack's front end (torchaudio's MelSpectrogram) with XTTS's cloning-mel analysis (n_fft 2048,
-  window 1024, hop 256, 80 slaney-normalised HTK bands 0-8 kHz, log of the power clamped at 1e-5), taken at 24 kHz: it is the spectrogram
-  XTTS itself reads a voice through (its conditioning encoder's input), it weighs the speech band where timbre and
-  intelligibility live, and hop 256 gives every GPT latent about 4.35 frames of its own. Not divided by `mel_stats`
+  window 1024, hop 256, 80 slaney-normalised HTK bands 0-8 kHz, log of the power clamped at 1e-5), taken at 24 kHz:
+  it is the spectrogram XTTS itself reads a voice through (its conditioning encoder's input), it weighs the speech
+  band where timbre and intelligibility live, and hop 256 gives every GPT latent about 4.35 frames of its own. Not
+  divided by `mel_stats`
   (that per-band divisor would only re-weight bands).
 
 Gradients flow from every term into the voice conditioning (conditioning latents through the GPT; the speaker
