@@ -13,8 +13,7 @@
   window 1024, hop 256, 80 slaney-normalised HTK bands 0-8 kHz, log of the power clamped at 1e-5), taken at 24 kHz:
   it is the spectrogram XTTS itself reads a voice through (its conditioning encoder's input), it weighs the speech
   band where timbre and intelligibility live, and hop 256 gives every GPT latent about 4.35 frames of its own. Not
-  divided by `mel_stats`
-  (that per-band divisor would only re-weight bands).
+  divided by `mel_stats` (that per-band divisor would only re-weight bands).
 
 Gradients flow from every term into the voice conditioning (conditioning latents through the GPT; the speaker
 embedding through HiFi-GAN), so an entangler in front of XTTS learns from the audio even when XTTS is frozen.
