@@ -37,7 +37,7 @@ def _vae_moments(vae):
 
 
 def _prepare_models(xtts, wav2vec, vae, landmarker: str) -> PrepareModels:
-    folder = locate_checkpoint(NODE, "narrate_xtts", xtts.name, "config.json")
+    folder = locate_checkpoint(NODE, "xtts", "narrate_xtts", xtts.name, "config.json")
     dvae_path, stats_path = os.path.join(folder, "dvae.pth"), os.path.join(folder, "mel_stats.pth")
     if not os.path.isfile(dvae_path):
         raise ValueError(f"{NODE}: input 'xtts': training needs XTTS-v2's dvae.pth next to the model, at {dvae_path}."
@@ -114,7 +114,7 @@ class Personalize(io.ComfyNode):
             raise ValueError(f"{NODE}: input 'text': give the transcript of what the person says in the video")
         if images.shape[0] < 2:
             raise ValueError(f"{NODE}: input 'images': give the video's frames (got {images.shape[0]} image)")
-        landmarker_path = locate_checkpoint(NODE, "narrate_face_analysis", landmarker, None,
+        landmarker_path = locate_checkpoint(NODE, "landmarker", "narrate_face_analysis", landmarker, None,
                                             registry_help("face-landmarker"))
         models = _prepare_models(xtts, wav2vec, vae, landmarker_path)
         # no gradient clipping: at norm 1 most of the entangler's gradient falls under AdamW's eps (see

@@ -106,6 +106,7 @@ def frames_to_clip(frames: torch.Tensor, fps: float, waveform: torch.Tensor, rat
 
     handle, path = tempfile.mkstemp(suffix=".mp4", prefix="nfy-personalize-")
     os.close(handle)
+    os.unlink(path)  # a unique name; the writer itself never replaces an existing file
     even = frames[:, :frames.shape[1] // 2 * 2, :frames.shape[2] // 2 * 2]  # yuv420p needs even sides
     write_mp4(path, even, fps, waveform, rate, crf=1)
     return path
