@@ -1,5 +1,5 @@
 """Shared helpers of the evaluation tests: the shared media's audio and frames decoded with PyAV (cached), white
-noise at a given SNR, and the CI rule for optional packages (missing under CI=true fails, elsewhere skips)."""
+noise at a given SNR, and a missing test package fails the run (tests/install.sh installs them)."""
 from __future__ import annotations
 
 import functools
@@ -15,13 +15,11 @@ MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 
 
 def need(module: str):
-    """Import an optional package the tests need; under CI=true its absence is a failure, not a skip."""
+    """Import an optional package the tests need; its absence is a failure, not a skip."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{module} is missing: tests/requirements-test.txt installs it (run tests/install.sh)")
-        pytest.skip(f"{module} is not installed (pip install -r tests/requirements-test.txt)")
+        pytest.fail(f"{module} is missing: tests/requirements-test.txt installs it (run tests/install.sh)")
 
 
 @functools.lru_cache(maxsize=8)

@@ -3,7 +3,7 @@ holds (LICENSE, icon, no tests), an honest requires-comfyui, `pip check` on a fr
 plus ours, the mediapipe range tested at both ends, and no OpenCV / MediaPipe loaded when ComfyUI starts the pack.
 
 The second environments (fresh pip-check venv, oldest-mediapipe venv) are built by tests/install.sh; missing, these
-tests fail under CI=true and skip elsewhere.
+tests fail when it is missing.
 """
 from __future__ import annotations
 
@@ -31,14 +31,12 @@ def mediapipe_range() -> tuple[str, str]:
 
 
 def installed_environment(name: str) -> str:
-    """The interpreter of a second environment tests/install.sh recorded; missing fails under CI=true."""
+    """The interpreter of a second environment tests/install.sh recorded; missing fails the run."""
     path = recorded_path(name)
     if path and Path(path).exists():
         return path
     message = f"{name} not found: run tests/install.sh"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    pytest.fail(message)
 
 
 def validate(folder: Path) -> subprocess.CompletedProcess:
