@@ -60,8 +60,11 @@ def stop_after_a_few_codes(gpt, io_gen, extra: float = 0.0):
 
 
 # ------------------------------------------------------------------------------------------------ no per-token sync
-def test_generation_reads_the_device_once_per_sync_block_not_per_token(model, io_gen, monkeypatch):
-    gpt, cond = model.gpt, io_gen["cond_latent"]
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_generation_reads_the_device_once_per_sync_block_not_per_token(io_gen, monkeypatch, fixed_shape):
+    gpt, cond = load_xtts(SMALL_FILES)[0].gpt, io_gen["cond_latent"]
+    if fixed_shape:  # the step a CUDA graph captures, run eagerly
+        fast_decode.enable(gpt, backend=None)
     texts = _sentences(io_gen)  # padded batch: the masked path too
 
     def reads(n, sync_every=None):  # None: the accelerator default, SYNC_EVERY
