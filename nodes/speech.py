@@ -51,7 +51,8 @@ class LoadXTTS(io.ComfyNode):
                     io.Boolean.Input("compile", default=False, optional=True,
                                      tooltip="Compile the speech decoder with torch.compile (and replay it as a "
                                              "CUDA graph on NVIDIA GPUs): faster speech after a one-time compile "
-                                             "of about a minute per batch size on first use.")],
+                                             "(a minute or more) per batch size on first use; needs a C++ "
+                                             "compiler on the CPU.")],
             outputs=[XTTS.Output(display_name="xtts", tooltip="The speech model for the other speech nodes.")],
         )
 
