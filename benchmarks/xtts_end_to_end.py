@@ -9,9 +9,13 @@ What it does, all in one run:
    in coqui's format, `vocab.json`. Random weights would stop at random points, so the stop code's output bias is
    lowered by 100 in the file: both implementations then speak exactly the requested number of codes (the JSON
    records whether a stop code appeared anyway).
-2. Creates a virtual environment for the reference (`~/.cache/narrate-for-you/bench-coqui`): `pip install
-   coqui-tts==0.28.0 spacy` under tests/constraints.txt. It shares this environment's packages through a .pth file,
-   so both sides run the very same torch build (pip sees torch 2.11.0 installed and does not fetch another).
+2. Creates a virtual environment for the reference (`~/.cache/narrate-for-you/bench-coqui`): `pip install` of the
+   exact REFERENCE_PINS (coqui-tts 0.28.0, transformers 5.23.0, spacy, six) under tests/constraints.txt. It shares
+   this environment's packages through a .pth file, so both sides run the very same torch build (pip sees torch
+   2.11.0 installed and does not fetch another); the pins are installed into the reference environment itself and
+   come first on its sys.path, so they shadow this environment's versions (checked before every run). A reference
+   that cannot be built or does not import the pinned versions ends the benchmark with a non-zero exit and the
+   reason.
    coqui-tts refuses to import without `torchcodec` on torch >= 2.9; as the fixture generator did, a stub package
    stands in for it (no file is read through it: the voice clip is decoded with PyAV on both sides and handed to
    upstream's `get_conditioning_latents` in place of its `torchaudio.load`). spaCy is upstream's sentence splitter
@@ -45,7 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("NFY_BENCH_CACHE", Path.home() / ".cache" / "narrate-for-you"))
 VOICE_FILE = REPO.parent / "shared" / "media" / "videos" / "man.mp4"
 VOCAB_FILE = REPO.parent / "shared" / "fixtures" / "xtts" / "bpe_vocab.json"
-COQUI_VERSION = "0.28.0"
+# The reference environment's exact pins. coqui-tts 0.28.0's generate needs transformers 5.23 (5.24 changed the
+# cache API it calls); spacy is upstream's sentence splitter (not a coqui-tts dependency); six is imported by
+# coqui-tts's text utilities but not declared.
+REFERENCE_PINS = {"coqui-tts": "0.28.0", "transformers": "5.23.0", "spacy": "3.8.18", "six": "1.17.0"}
 STOP_BIAS_DROP = 100.0
 REPETITION_PENALTY = 10.0  # Xtts.inference's default
 VOICE_ARGS = dict(length_s=6, chunk_s=6, max_ref_s=30)  # get_conditioning_latents' defaults (6 s, 6 s chunks, 30 s)
@@ -134,8 +141,12 @@ def coqui_worker(ckpt_dir: Path) -> None:
         sys.stdout.write("@@" + json.dumps(obj) + "\n")
         sys.stdout.flush()
 
+    from provenance import package_versions  # this file's folder is on sys.path (run as a script)
     answer({"ready": True, "coqui_tts": TTS.__version__, "transformers": transformers.__version__,
-            "torch": torch.__version__, "threads": torch.get_num_threads()})
+            "transformers_file": transformers.__file__, "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "packages": package_versions(("coqui-tts", "transformers", "tokenizers", "huggingface-hub", "torch",
+                                          "torchaudio", "spacy", "numpy"))})
     for line in sys.stdin:
         req = json.loads(line)
         timings.clear()
@@ -214,28 +225,66 @@ def ensure_checkpoint(seed: int) -> Path:
     return folder
 
 
+def reference_failure(what: str, why: str) -> SystemExit:
+    """The benchmark cannot build or run its reference: exit non-zero, saying what and why."""
+    return SystemExit(f"xtts_end_to_end: cannot build the coqui-tts reference: {what}.\n{why}")
+
+
+def installed_versions(python: Path, names) -> dict:
+    """name -> (version, location) as the reference environment's interpreter sees them (None when absent)."""
+    code = ("import importlib.metadata as m, json, sys\n"
+            "out = {}\n"
+            "for n in sys.argv[1:]:\n"
+            "    try:\n"
+            "        d = m.distribution(n); out[n] = [d.version, str(d.locate_file(''))]\n"
+            "    except m.PackageNotFoundError:\n"
+            "        out[n] = None\n"
+            "print(json.dumps(out))")
+    done = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True)
+    if done.returncode:
+        raise reference_failure(f"{python} cannot list its packages", done.stderr[-2000:])
+    return json.loads(done.stdout)
+
+
 def ensure_coqui_env() -> Path:
+    """The reference environment, built once: REFERENCE_PINS installed in its own site-packages.
+
+    It sees this environment's packages through a .pth file so that pip finds our torch build installed and the
+    reference runs on the very same torch. Entries of a .pth are appended to sys.path after the environment's own
+    site-packages, so everything pinned here (installed into the reference environment by pip even when this
+    environment has another version) shadows this environment's copy: transformers 5.24 of the main environment
+    would crash coqui's generate (`'NoneType' object has no attribute 'get_seq_length'`)."""
     venv = CACHE / "bench-coqui"
     python = venv / "bin" / "python"
     marker = venv / "nfy-installed.txt"
-    # six: imported by coqui-tts's text utilities but not declared; spacy: upstream's sentence splitter
-    wanted = [f"coqui-tts=={COQUI_VERSION}", "spacy", "six"]
-    if marker.is_file() and marker.read_text().split() == wanted:
-        return python
-    if not python.is_file():
-        base = getattr(sys, "_base_executable", sys.executable)
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    # our torch build, visible to pip as installed, so the reference runs on exactly the same torch
-    (Path(site) / "nfy-main-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    stub = Path(site) / "torchcodec"
-    stub.mkdir(exist_ok=True)
-    (stub / "__init__.py").write_text('"""Stub: coqui-tts refuses to import without torchcodec on torch >= 2.9; '
-                                      'the benchmark does no audio file IO through it."""\n')
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(REPO / "tests" / "constraints.txt"),
-                    *wanted], check=True)
-    marker.write_text(" ".join(wanted) + "\n")
+    wanted = [f"{name}=={version}" for name, version in REFERENCE_PINS.items()]
+    if not (marker.is_file() and marker.read_text().split() == wanted):
+        if not python.is_file():
+            base = getattr(sys, "_base_executable", sys.executable)
+            made = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True)
+            if made.returncode:
+                raise reference_failure(f"`{base} -m venv {venv}` failed", made.stderr[-2000:])
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        (Path(site) / "nfy-main-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        stub = Path(site) / "torchcodec"
+        stub.mkdir(exist_ok=True)
+        (stub / "__init__.py").write_text('"""Stub: coqui-tts refuses to import without torchcodec on torch >= 2.9; '
+                                          'the benchmark does no audio file IO through it."""\n')
+        print(f"installing the reference environment {venv}: {' '.join(wanted)}", flush=True)
+        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "-c",
+                              str(REPO / "tests" / "constraints.txt"), *wanted], capture_output=True, text=True)
+        if pip.returncode:
+            raise reference_failure(f"pip could not install {' '.join(wanted)} (PyPI unreachable, or the pins no "
+                                    f"longer resolve with this torch)", (pip.stdout + pip.stderr)[-3000:])
+        marker.write_text(" ".join(wanted) + "\n")
+    found = installed_versions(python, REFERENCE_PINS)
+    wrong = {n: found[n] for n, v in REFERENCE_PINS.items()
+             if found[n] is None or found[n][0] != v or not found[n][1].startswith(str(venv))}
+    if wrong:  # e.g. an older cache whose install was satisfied by the main environment's copy
+        raise reference_failure(f"{venv} does not hold its own pinned {', '.join(wrong)}",
+                                f"pinned {REFERENCE_PINS}, found (version, location) {wrong}; delete {venv} to "
+                                "rebuild it")
     return python
 
 
@@ -357,6 +406,7 @@ def main() -> None:
         coqui_worker(args.coqui_worker)
         return
     sys.path.insert(0, str(REPO))  # run from anywhere: the repo root holds narrate_model
+    from provenance import environment
     from narrate_model.xtts.speech import BATCH_SIZE
     from narrate_model.xtts.text import XttsTokenizer, tokenize
 
@@ -364,6 +414,11 @@ def main() -> None:
     python = ensure_coqui_env()
     print(f"checkpoint {ckpt}\nreference env {python.parent.parent}", flush=True)
     worker = CoquiWorker(python, ckpt)
+    ran = {"coqui-tts": worker.info["coqui_tts"], "transformers": worker.info["transformers"]}
+    if any(ran[n] != REFERENCE_PINS[n] for n in ran):
+        raise reference_failure(f"the reference imported {ran}, not the pinned versions",
+                                f"transformers came from {worker.info['transformers_file']}; delete "
+                                f"{python.parent.parent} to rebuild the environment")
     ours = Ours(ckpt)
     rate = ours.cfg.output_sample_rate
 
@@ -432,7 +487,7 @@ def main() -> None:
         ],
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "reference": worker.info, "note": "shared machine: other processes ran during the measurement; "
+                    "reference": worker.info, "reference_pins": REFERENCE_PINS, "ours": environment(), "note": "shared machine: other processes ran during the measurement; "
                                                       "see load_avg_1min per run"},
         "settings": {"repetition_penalty": REPETITION_PENALTY, "voice": str(VOICE_FILE), **VOICE_ARGS,
                      "ours_batch_size": BATCH_SIZE, "stop_bias_lowered_by": STOP_BIAS_DROP, "seed": args.seed},

@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
 from ..narrate_model.progress import checked
 from ..narrate_model.xtts.speech import synthesize, vocode
 from ..narrate_model.xtts.checkpoint import load_xtts
+from ..narrate_model.xtts.model import PRECISIONS, check_precision
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES, XttsTokenizer, tokenize
 from ..narrate_model.xtts.voice import encode_voice
@@ -41,7 +43,16 @@ class LoadXTTS(io.ComfyNode):
                         "License: non-commercial use only, including the speech they produce.",
             inputs=[io.Combo.Input("checkpoint", options=checkpoint_choices("narrate_xtts", "config.json", XTTS_DEFAULT),
                                    tooltip="A folder under models/narrate/xtts/ holding config.json, model.pth "
-                                           "(or model.safetensors) and vocab.json, e.g. XTTS-v2.")],
+                                           "(or model.safetensors) and vocab.json, e.g. XTTS-v2."),
+                    io.Combo.Input("precision", options=list(PRECISIONS), default="fp32", optional=True,
+                                   tooltip="fp32: exact (the reference's codes). bf16 / fp16: about half the memory "
+                                           "and faster on a GPU, speech very close but not bit-identical; fp16 "
+                                           "needs a CUDA GPU. The voice encoders stay fp32."),
+                    io.Boolean.Input("compile", default=False, optional=True,
+                                     tooltip="Compile the speech decoder with torch.compile (and replay it as a "
+                                             "CUDA graph on NVIDIA GPUs): faster speech after a one-time compile "
+                                             "(a minute or more) per batch size on first use; needs a C++ "
+                                             "compiler on the CPU.")],
             outputs=[XTTS.Output(display_name="xtts", tooltip="The speech model for the other speech nodes.")],
         )
 
@@ -50,15 +61,21 @@ class LoadXTTS(io.ComfyNode):
         return True  # the dropdown lists only files that exist; execute() explains an absent one
 
     @classmethod
-    def execute(cls, checkpoint) -> io.NodeOutput:
+    def execute(cls, checkpoint, precision="fp32", compile=False) -> io.NodeOutput:
+        if precision not in PRECISIONS:
+            raise ValueError(f"Load XTTS-v2: input 'precision' is {precision!r}; choose one of {list(PRECISIONS)}")
+        dtype = PRECISIONS[precision]
+        with input_errors("Load XTTS-v2"):
+            check_precision(dtype, mm.get_torch_device())
         help_text = registry_help("xtts-v2") if checkpoint == XTTS_DEFAULT else \
             "Put config.json, model.pth (or model.safetensors) and vocab.json of an XTTS-v2 checkpoint there."
         folder = locate_checkpoint("Load XTTS-v2", "checkpoint", "narrate_xtts", checkpoint, "config.json", help_text)
         with checkpoint_errors("Load XTTS-v2", "checkpoint"):
-            model, config = load_xtts(folder)
+            model, config = load_xtts(folder, dtype=dtype, compile=compile)
             tokenizer = XttsTokenizer(os.path.join(folder, "vocab.json"))
         handle = XttsHandle(patcher(model), config, tokenizer, checkpoint)
-        return io.NodeOutput(handle, ui={"text": [f"{checkpoint}: " + licence_of("xtts-v2/model.pth")]})
+        options = f" ({precision}{', compiled' if compile else ''})" if precision != "fp32" or compile else ""
+        return io.NodeOutput(handle, ui={"text": [f"{checkpoint}{options}: " + licence_of("xtts-v2/model.pth")]})
 
 
 class TextBPE(io.ComfyNode):
@@ -168,11 +185,15 @@ class SpectrogramSynthesizer(io.ComfyNode):
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                                 do_sample=do_sample, seed=seed, speed=speed, max_new_tokens=max_codes or None)
+        model = xtts.model()
         with input_errors("Spectrogram Synthesizer"), torch.inference_mode():
-            result = synthesize(xtts.model(), tokens, voice, params, progress=progress_bar(len(tokens.ids)))
+            result = synthesize(model, tokens, voice, params, progress=progress_bar(len(tokens.ids)))
         counts = [{"codes": c.codes.shape[1], "latents": c.latents.shape[1]} for c in result.chunks]
         summary = f"{result.num_codes} codes in {len(counts)} chunk(s), about {result.seconds:.1f} s of speech"
-        return io.NodeOutput(result, ui={"text": [summary], "nfy_chunks": counts})
+        fast = model.gpt.fast_decode
+        compiled = [f"{what}: {seconds:.1f}" for what, seconds in fast.stats.items()] if fast else []
+        lines = [summary] + ([f"compile (once per batch size): {', '.join(compiled)}"] if compiled else [])
+        return io.NodeOutput(result, ui={"text": lines, "nfy_chunks": counts})
 
 
 class Vocoder(io.ComfyNode):

@@ -18,9 +18,9 @@ def small_xtts(comfy_server):
     return write_xtts(comfy_server.base / "models", "small-speech")
 
 
-def speech_prompt(checkpoint: str, voice: str, text: str, seed: int = 0) -> dict:
+def speech_prompt(checkpoint: str, voice: str, text: str, seed: int = 0, **load_options) -> dict:
     return {
-        "1": {"class_type": "NFY_LoadXTTS", "inputs": {"checkpoint": checkpoint}},
+        "1": {"class_type": "NFY_LoadXTTS", "inputs": {"checkpoint": checkpoint, **load_options}},
         "2": {"class_type": "LoadAudio", "inputs": {"audio": voice}},
         "3": {"class_type": "NFY_VoiceProfileEncode",
               "inputs": {"xtts": ["1", 0], "voice": ["2", 0], "max_seconds": 30, "chunk_seconds": 4}},
@@ -79,3 +79,15 @@ def test_missing_checkpoint_says_what_goes_where(comfy):
     for name in ("config.json", "model.pth", "vocab.json", "python -m narrate_model download xtts-v2",
                  "Coqui Public Model License"):
         assert name in message
+
+
+def test_bf16_speech_graph_speaks_and_fp16_on_the_cpu_says_what_to_choose(comfy, small_xtts):
+    voice = comfy.upload(MEDIA / "videos" / "man.mp4")
+    entry = comfy.run(speech_prompt(small_xtts, voice, "Half precision speech.", precision="bf16"))
+    assert "(bf16)" in entry["outputs"]["1"]["text"][0]
+    chunks = entry["outputs"]["5"]["nfy_chunks"]
+    samples, _ = audio_samples(comfy.view(entry["outputs"]["7"]["audio"][0]))
+    assert samples == sum(int(4 * c["latents"] * 24000 / 22050) * 256 for c in chunks) > 0
+    entry = comfy.wait(comfy.queue(speech_prompt(small_xtts, voice, "Hi.", precision="fp16")), expect="error")
+    message = messages_of(entry, "execution_error")[0]["exception_message"]
+    assert "Load XTTS-v2" in message and "input 'precision'" in message and "choose bf16" in message

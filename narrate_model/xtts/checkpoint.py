@@ -17,6 +17,7 @@ import torch
 from ..errors import CheckpointError
 from ..state_dict import key_mismatch, listing
 from ..state_dict import read_state_dict as _read
+from . import fast_decode
 from .config import XttsConfig
 from .model import XttsModel
 
@@ -127,11 +128,15 @@ def _vocab_overrides(folder: Path) -> dict:
     return out
 
 
-def load_xtts(folder_or_files: Union[str, Path, Iterable], device="cpu",
-              dtype: torch.dtype = torch.float32) -> tuple[XttsModel, XttsConfig]:
+def load_xtts(folder_or_files: Union[str, Path, Iterable], device="cpu", dtype: torch.dtype = torch.float32,
+              compile: bool = False, compile_backend: str = "inductor") -> tuple[XttsModel, XttsConfig]:
     """Load config.json + model.safetensors / model.pth (a folder, a checkpoint path, or a list of the two files).
 
-    Returns the model in eval mode on `device` / `dtype` (int64 BN counters stay int64) and its config.
+    Returns the model in eval mode on `device` and its config. dtype: the precision of the GPT and the waveform
+    decoder (`XttsModel.set_precision`; the voice encoders and mel front ends stay float32, int64 BN counters stay
+    int64); float32 is the exact-parity path. compile: decode steps at fixed shapes through torch.compile
+    (`compile_backend`) and, on CUDA, captured as CUDA graphs (fast_decode.py; compiled on first use per batch
+    size, the time in `model.gpt.fast_decode.stats`).
     """
     folder, config_file, ckpt = _resolve_files(folder_or_files)
     try:
@@ -156,6 +161,8 @@ def load_xtts(folder_or_files: Union[str, Path, Iterable], device="cpu",
         raise RuntimeError(f"XTTS tensors left uninitialised after loading: {listing(leftovers)}")
     model = model.to(device=device)
     if dtype != torch.float32:
-        model = model.to(dtype=dtype)  # floating tensors only; num_batches_tracked stays int64
+        model.set_precision(dtype)
     model.eval()
+    if compile:
+        fast_decode.enable(model.gpt, compile_backend)
     return model, cfg

@@ -23,6 +23,15 @@ from .config import XttsConfig
 from .sampling import SamplingParams, choose, process_scores
 
 PROGRESS_BLOCK = 16  # codes per progress report (and Cancel check)
+# Steps between two reads of the "every sentence has stopped" flag on an accelerator. Reading a device flag on the
+# host waits for the device to finish all queued work, so doing it every token keeps the host from queueing the next
+# step ahead; at most SYNC_EVERY - 1 steps are computed past the last stop and trimmed. On the CPU the flag is already
+# on the host (reading it costs nothing, a wasted step costs a real step), so the CPU checks every step.
+SYNC_EVERY = 16
+
+
+def default_sync_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else SYNC_EVERY
 
 
 class Conv1D(nn.Module):
@@ -41,10 +50,14 @@ class Conv1D(nn.Module):
 class KVCache:
     """Preallocated keys/values of every layer, [layers, B, heads, capacity, head_dim]; `length` positions filled."""
 
-    def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int, like: torch.Tensor):
+    def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int, like: torch.Tensor,
+                 zeroed: bool = False):
+        """zeroed: for steps that attend to the whole capacity (write_at): a masked-out position still enters the
+        weighted sum with weight 0, and 0 * NaN from uninitialised memory would be NaN."""
         shape = (layers, batch, heads, capacity, head_dim)
-        self.k = torch.empty(shape, dtype=like.dtype, device=like.device)
-        self.v = torch.empty(shape, dtype=like.dtype, device=like.device)
+        make = torch.zeros if zeroed else torch.empty
+        self.k = make(shape, dtype=like.dtype, device=like.device)
+        self.v = make(shape, dtype=like.dtype, device=like.device)
         self.length = 0
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -53,6 +66,13 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write_at(self, layer: int, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Static-shape variant for compiled / CUDA-graph steps: one position given as a device tensor [1]; returns
+        the whole capacity (the caller's mask hides what is not written yet)."""
+        self.k[layer].index_copy_(2, position, k)
+        self.v[layer].index_copy_(2, position, v)
+        return self.k[layer], self.v[layer]
 
 
 class SelfAttention(nn.Module):
@@ -63,9 +83,14 @@ class SelfAttention(nn.Module):
         self.c_proj = Conv1D(dim, dim)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int,
-                mask: Optional[torch.Tensor] = None, dropout: float = 0.0) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, dropout: float = 0.0,
+                position: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.c_attn(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if position is not None:  # static-shape step (fast_decode.py): `mask` covers the cache's whole capacity
+            k, v = cache.write_at(layer, position, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.c_proj(out.transpose(1, 2).reshape(b, t, c))
         first = cache is None or cache.length == 0
         if cache is not None:
             k, v = cache.extend(layer, k, v)
@@ -103,9 +128,11 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int,
-                mask: Optional[torch.Tensor] = None, dropout: float = 0.0) -> torch.Tensor:
-        """dropout: GPT-2's attention and residual dropout probability (0 outside training)."""
-        x = x + _drop(self.attn(self.ln_1(x), cache, layer, mask, dropout), dropout)
+                mask: Optional[torch.Tensor] = None, dropout: float = 0.0,
+                position: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """dropout: GPT-2's attention and residual dropout probability (0 outside training).
+        position: static-shape cached step (see SelfAttention)."""
+        x = x + _drop(self.attn(self.ln_1(x), cache, layer, mask, dropout, position), dropout)
         return x + _drop(self.mlp(self.ln_2(x)), dropout)
 
 
@@ -124,8 +151,10 @@ class GPT2Stack(nn.Module):
         self.dropout = 0.0
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """mask: optional boolean attention mask [B,1,T,keys] (True = may attend), for left-padded batches."""
+                mask: Optional[torch.Tensor] = None, position: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask: optional boolean attention mask [B,1,T,keys] (True = may attend), for left-padded batches.
+        position: a static-shape step writes its one position there (a device tensor [1]) and attends to the whole
+        cache under `mask`; `cache.length` is then the caller's to advance."""
         recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         p = self.dropout if self.training else 0.0
         x = _drop(x, p)
@@ -133,8 +162,8 @@ class GPT2Stack(nn.Module):
             if recompute:  # non-reentrant: parameter gradients survive even when x itself needs none; the RNG state
                 x = checkpoint(block, x, None, i, mask, p, use_reentrant=False)  # is replayed, same dropout masks
             else:
-                x = block(x, cache, i, mask, p)
-        if cache is not None:
+                x = block(x, cache, i, mask, p, position)
+        if cache is not None and position is None:
             cache.length += x.shape[1]
         return self.ln_f(x)
 
@@ -191,6 +220,9 @@ class XttsGPT(nn.Module):
         self.final_norm = nn.LayerNorm(dim)
         self.text_head = nn.Linear(dim, cfg.gpt_number_text_tokens)
         self.mel_head = nn.Linear(dim, cfg.gpt_num_audio_tokens)
+        # generation settings (not weights): see generate_batch and fast_decode.py
+        self.sync_every: Optional[int] = None
+        self.fast_decode = None  # a fast_decode.FastDecode: fixed-shape steps, compiled and/or CUDA-graphed
 
     # --- embeddings ---
     def prefix_embeddings(self, text_ids: torch.Tensor, cond_latent: torch.Tensor) -> torch.Tensor:
@@ -242,7 +274,7 @@ class XttsGPT(nn.Module):
     @torch.no_grad()
     def generate_batch(self, text_ids: Sequence, cond_latent: torch.Tensor, params: Optional[SamplingParams] = None,
                        progress: ProgressFn = None, record_scores: bool = False,
-                       seeds: Optional[Sequence[int]] = None) -> list[GenerationResult]:
+                       seeds: Optional[Sequence[int]] = None, sync_every: Optional[int] = None) -> list[GenerationResult]:
         """Several sentences generated together, one batched KV-cached pass per step; one result per sentence.
 
         text_ids: token ids per sentence (lists or 1-D tensors, lengths may differ); cond_latent [1 or B, 32, C].
@@ -251,7 +283,13 @@ class XttsGPT(nn.Module):
         XTTS's own per-part embeddings (added before padding), and each sentence keeps its own repetition-penalty
         history, stop and random generator — sentence i is seeded seeds[i] (default params.seed + i, as
         `speech.synthesize` seeds its chunks). The step cost is dominated by reading the weights, which a batch
-        shares, so B sentences take far less than B times one."""
+        shares, so B sentences take far less than B times one.
+
+        sync_every: steps between two host reads of the stop flag (None: self.sync_every, else SYNC_EVERY on an
+        accelerator and 1 on the CPU); nothing else reads device values on the host until generation ends, and steps
+        past a sentence's stop are trimmed, so the codes do not depend on it. 1 is the per-token check.
+        With `self.fast_decode` set (fast_decode.py: torch.compile / CUDA graphs) the steps after the prompt run at
+        fixed shapes."""
         params = params or SamplingParams()
         params.validate()
         cfg = self.cfg
@@ -269,6 +307,9 @@ class XttsGPT(nn.Module):
         if max_new > cfg.max_gen_mel_tokens:
             raise NarrateInputError("max_new_tokens", f"{max_new} exceeds the model's limit of "
                                                       f"{cfg.max_gen_mel_tokens} codes per sentence.")
+        sync_every = sync_every or self.sync_every or default_sync_every(device)
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         prefixes = [self.prefix_embeddings(r, cond_latent[min(i, cond_latent.shape[0] - 1)][None])
                     for i, r in enumerate(rows)]
         width = max(p.shape[1] for p in prefixes)
@@ -277,11 +318,15 @@ class XttsGPT(nn.Module):
         start = torch.full((1, 1), cfg.gpt_start_audio_token, dtype=torch.long, device=device)
         x = torch.cat([torch.cat([p.new_zeros(1, width - p.shape[1], dim), p], dim=1) for p in prefixes])
         x = torch.cat([x, self.mel_embeddings(start).expand(batch, 1, dim)], dim=1)
-        cache = KVCache(cfg.gpt_layers, batch, self.heads, width + 1 + max_new, dim // self.heads, x)
-        keys_real = torch.ones(batch, width + 1 + max_new, dtype=torch.bool, device=device)
+        static = None if self.fast_decode is None else self.fast_decode.decoder(self, batch, cond_latent.shape[1])
+        if static is not None:  # its own fixed-capacity cache and key mask, reset for this call
+            cache, keys_real = static.start(width + 1 + max_new)
+        else:
+            cache = KVCache(cfg.gpt_layers, batch, self.heads, width + 1 + max_new, dim // self.heads, x)
+            keys_real = torch.ones(batch, width + 1 + max_new, dtype=torch.bool, device=device)
         for i, p in enumerate(prefixes):
             keys_real[i, :width - p.shape[1]] = False
-        padded = not bool(keys_real.all())
+        padded = any(p.shape[1] < width for p in prefixes)
         mask = None
         if padded:  # causal, padding hidden from real queries; pad queries see earlier pads (no empty softmax row)
             causal = torch.ones(width + 1, width + 1, dtype=torch.bool, device=device).tril()
@@ -299,8 +344,8 @@ class XttsGPT(nn.Module):
         active = torch.ones(batch, dtype=torch.bool, device=device)
         steps_taken = torch.zeros(batch, dtype=torch.long, device=device)  # tokens emitted, a stop included
         steps = 0
-        while steps < max_new:
-            latent = self.final_norm(self.gpt(x, cache, mask)[:, -1])
+        latent = self.final_norm(self.gpt(x, cache, mask)[:, -1])  # the prompt pass predicts the first code
+        while True:
             latents[:, steps] = latent
             logits = self.mel_head(latent)
             scores = process_scores(logits, seen, params)
@@ -311,19 +356,26 @@ class XttsGPT(nn.Module):
             steps_taken += active
             steps += 1
             active &= code != cfg.gpt_stop_audio_token
-            if not bool(active.any()):
+            # the only host read of a device value in the loop, every sync_every steps
+            if steps == max_new or (steps % sync_every == 0 and not bool(active.any())):
                 break
             seen.scatter_(1, code[:, None], True)
             x = self.mel_embeddings(code[:, None], steps)
-            if padded:
-                mask = keys_real[:, None, None, :cache.length + 1]
+            if static is not None:
+                latent = static.step(x)
+            else:
+                if padded:
+                    mask = keys_real[:, None, None, :cache.length + 1]
+                latent = self.final_norm(self.gpt(x, cache, mask)[:, -1])
             if steps % PROGRESS_BLOCK == 0:
                 report(progress, steps, max_new)
         report(progress, max_new, max_new)
 
+        # trim: steps_taken stopped counting at each sentence's stop; later steps were computed for nothing
+        last = codes.gather(1, (steps_taken - 1)[:, None])[:, 0]
+        taken, ended = torch.stack([steps_taken, (last == cfg.gpt_stop_audio_token).long()]).tolist()
         results = []
-        for i, n in enumerate(steps_taken.tolist()):
-            stopped = bool(codes[i, n - 1] == cfg.gpt_stop_audio_token)
+        for i, (n, stopped) in enumerate(zip(taken, map(bool, ended))):
             result = GenerationResult(codes[i:i + 1, :n - 1 if stopped else n],
                                       apply_speed(latents[i:i + 1, :n], params.speed), stopped)
             if logs is not None:

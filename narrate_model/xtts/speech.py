@@ -50,7 +50,7 @@ def synthesize(model, tokens: TextTokens, voice, params: SamplingParams, progres
     if not tokens.ids or not any(tokens.ids):
         raise NarrateInputError("tokens", "there is no text to speak; give Text BPE a non-empty text.")
     cfg, device = model.gpt.cfg, _device_of(model)
-    dtype = next(model.gpt.parameters()).dtype
+    dtype = model.gpt.mel_embedding.weight.dtype  # the GPT's precision (its voice encoders may stay float32)
     cond = voice.gpt_cond_latent.to(device, dtype)
     for i, ids in enumerate(tokens.ids):
         # the GPT's text window holds gpt_max_text_tokens; the text splitter keeps chunks well under it
@@ -77,7 +77,7 @@ def synthesize(model, tokens: TextTokens, voice, params: SamplingParams, progres
 def vocode_chunks(model, speech: SpeechLatents, voice, progress: ProgressFn = None) -> list[torch.Tensor]:
     """HiFi-GAN over each chunk's latents with the voice's speaker embedding: one waveform [T] per chunk."""
     device = _device_of(model)
-    dtype = next(model.hifigan_decoder.parameters()).dtype
+    dtype = model.hifigan_decoder.waveform_decoder.conv_pre.weight.dtype  # its speaker encoder stays float32
     speaker = voice.speaker_embedding.to(device, dtype)
     pieces = []
     for i, chunk in enumerate(speech.chunks):
