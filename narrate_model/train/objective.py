@@ -197,15 +197,19 @@ class DatasetSamples(Sequence):
         return load_sample(self.dataset, self.ids[index])
 
 
-def make_entangler(init: Union[str, Path, Entangler, None], sample: Mapping) -> Entangler:
+def make_entangler(init: Union[str, Path, Entangler, None], sample: Mapping, seed: int = 0) -> Entangler:
     """The entangler to train: 'ETE' / 'STE' at the identity initialisation (sized to the dataset's XTTS and VAE), a
-    saved entangler file to continue from, or a module."""
+    saved entangler file to continue from, or a module. The identity initialisation draws its attention weights
+    from a generator seeded with `seed` (the run's): only the write-backs start at zero, so the rest of the draw
+    shapes every step after the first, and the same seed must give the same run."""
     if isinstance(init, Entangler):
         return init
     if init is None or str(init).upper() in ("ETE", "STE"):
-        return Entangler(EntanglerConfig(mode=str(init or "ETE").upper(),
-                                         gpt_dim=sample["gpt_cond_latent"].shape[-1],
-                                         latent_channels=sample["portrait_latent_mean"].shape[1]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Entangler(EntanglerConfig(mode=str(init or "ETE").upper(),
+                                             gpt_dim=sample["gpt_cond_latent"].shape[-1],
+                                             latent_channels=sample["portrait_latent_mean"].shape[1]))
     return load_entangler(str(init))
 
 
@@ -267,7 +271,7 @@ def build_run(data_dir: Path, models_dir: Path, config: TrainConfig, *,
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     xtts, _ = load_xtts(files["xtts"].parent, device=device)
-    models = {"xtts": xtts, "entangler": make_entangler(entangler, load_sample(data_dir, ids[0]))}
+    models = {"xtts": xtts, "entangler": make_entangler(entangler, load_sample(data_dir, ids[0]), config.seed)}
     base = {name: h["sha256"] for name, h in hashes.items()}
     kw = dict(vocoder_window=vocoder_window)
     if "video" in config.loss_weights:
