@@ -195,6 +195,35 @@ def test_a_personalised_entangler_never_overwrites_an_earlier_one(tmp_path):
     assert next_free(tmp_path, "../x y") == tmp_path / "x_y.safetensors"  # stays in the folder
 
 
+def test_start_frame_augmentation_blanks_the_motion_frames_at_hallos_rate(prepared):
+    """Hallo's stage 2 (start_ratio 0.05 in stage2.yaml) zeroes the motion frames' pixels before encoding them in
+    5% of the steps; the dataset caches the VAE posterior of that blank frame."""
+    from narrate_model.train.data import load_sample, sample_ids
+    from narrate_model.train.objective import LATENT_SCALE, video_window
+
+    sample = load_sample(prepared["dataset"], sample_ids(prepared["dataset"])[0])
+    assert sample["blank_latent_mean"].shape == sample["portrait_latent_mean"].shape
+    # zero spread, so that each draw is its posterior's mean and the frames can be told apart exactly
+    exact = {**sample, "latents_std": torch.zeros_like(sample["latents_std"]),
+             "blank_latent_std": torch.zeros_like(sample["blank_latent_std"])}
+    blank = (exact["blank_latent_mean"] * LATENT_SCALE).expand(2, -1, -1, -1)[None]
+    torch.manual_seed(0)
+    _, motion, span = video_window(exact, 6, 2, start_ratio=1.0)
+    torch.manual_seed(0)
+    _, plain, same_span = video_window(exact, 6, 2, start_ratio=0.0)
+    assert span == same_span and torch.equal(motion, blank)
+    assert torch.equal(plain[0], exact["latents_mean"][span.start - 2:span.start] * LATENT_SCALE)
+    assert not torch.allclose(plain, blank, atol=1e-3)  # the check can fail: video frames are not blank ones
+    torch.manual_seed(1)
+    n = 4000
+    rate = sum(torch.equal(video_window(exact, 6, 2, start_ratio=0.05)[1], blank) for _ in range(n)) / n
+    print(f"start-frame augmentation: blank motion frames in {rate:.2%} of {n} windows (Hallo: 5%)")
+    assert abs(rate - 0.05) < 0.015  # 4.4 standard deviations of a 5% rate over 4000 draws
+    old = {k: v for k, v in exact.items() if not k.startswith("blank_")}  # a dataset prepared before this
+    with pytest.raises(NarrateInputError, match="prepare the dataset again, or train with start_ratio 0"):
+        video_window(old, 6, 2, start_ratio=1.0)
+
+
 # -- resume and two processes on the full objective ------------------------------------------------------------------
 # lr 1e-2 so that every step moves the losses visibly; NFY's total (video 1 + audio 0.1) with every random draw of the
 # objective (frame window, latent sample, noise, timestep, condition dropping, the noise offset)
