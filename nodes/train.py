@@ -65,7 +65,8 @@ class Personalize(io.ComfyNode):
                         "the voice profile, the rest the target speech and frames (the text is its transcript). The "
                         "entanglement transformers train, XTTS and Hallo stay frozen; the result is saved as "
                         "models/narrate/entangle/<name>.safetensors (never overwritten) with a model card, and "
-                        "flows on for Narrate. Cancel stops at the current step and keeps what trained so far.",
+                        "flows on for Narrate. Cancel stops within a second (the step under way is dropped) and keeps "
+                        "what trained so far.",
             inputs=[
                 io.Image.Input("images", tooltip="The person's video as frames (e.g. from Load Video): a face in "
                                                  "the first frames, speaking throughout."),
