@@ -158,8 +158,6 @@ def estimate() -> dict:
     activations. An ESTIMATE of the 24 GB target, not a measurement: the activations (UNet blocks recomputed under
     checkpointing, attention workspaces, HiFi-GAN) and the CUDA context come on top, and only the GPU run measures
     them."""
-    import torch
-
     out = {"kind": "ESTIMATE (meta device, analytic): activations and CUDA context NOT included"}
     for mode in ("full", "full_lora"):
         objective, _ = _objective(mode, "meta")

@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
