@@ -94,8 +94,10 @@ def _changed(before: dict, objective) -> list[str]:
 
 
 def test_overfit_one_sample_halves_the_loss_and_leaves_the_base_models_bit_identical(prepared, tmp_path):
-    # no gradient clipping: clipped to norm 1 over the entangler's 7.8M values, most elements of the gradient fall
-    # under AdamW's eps and barely move (measured on the audio term: x0.54 after 50 steps with clipping, x0.37 without)
+    # No gradient clipping, as Personalize. Measured over 50 steps at lr 1e-2 (the total at fixed draws, after/before):
+    # seeds 0 / 1 / 2 x0.408 / x0.562 / x0.429 unclipped; seed 0 clipped to norm 1 (the CLI default) x0.571; lr 3e-3
+    # seeds 0-2 x0.565-0.575. The audio term either stays near a plateau (~30.6, from 55.6) or passes it (~21): the
+    # 50% margin holds for this seed, not for every seed.
     config = TrainConfig(lr=1e-2, batch_size=1, max_steps=50, val_every=0, save_every=0, max_grad_norm=None)
     assert config.loss_weights == {"video": 1.0, "audio": 0.1}  # NFY's total
     setup = _setup(prepared, config, video_config=SHORT_CLIP)
@@ -109,7 +111,7 @@ def test_overfit_one_sample_halves_the_loss_and_leaves_the_base_models_bit_ident
     after = result.val_losses
     ratio = after["total"] / before["total"]
     print(f"overfit: total {before['total']:.3f} -> {after['total']:.3f} (x{ratio:.3f}); {before} -> {after}")
-    # measured: total 6.324 -> 2.838 (x0.449; audio 55.59 -> 21.05, video 0.765 -> 0.733 at the fixed draws)
+    # measured: total 5.877 -> 2.396 (x0.408; audio 55.59 -> 20.91, video 0.318 -> 0.305 at the fixed draws)
     assert ratio <= 0.5
     assert _changed(frozen, setup.objective) == []  # XTTS and Hallo untouched after 50 steps
     assert result.entangler is not None and json.loads(result.card.read_text())["base_checkpoints"]["xtts"] == \
