@@ -1,10 +1,12 @@
 """Personalize on the real server with small checkpoints: Load Video -> Personalize -> Narrate runs, the trained
-entangler changes the narration's audio and video against the identity one, and Cancel during Personalize stops
-at the next step (not within 1 s: the step under way finishes) and keeps what trained so far."""
+entangler changes the narration's audio and video against the identity one, and Cancel at a random moment of the
+training stops within a second (the checks inside a step; their control, a step without them, is in
+test_train_nfy.py) and leaves complete files only."""
 from __future__ import annotations
 
 import io
 import json
+import random
 import time
 
 import av
@@ -68,10 +70,6 @@ def _media(comfy, saved: dict):
     return frames, audio
 
 
-def _steps_at(progress: list) -> int:
-    return max(m["value"] for m in progress)
-
-
 def _differ(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape != b.shape or not np.array_equal(a, b)
 
@@ -89,30 +87,39 @@ def test_personalize_then_narrate_changes_audio_and_video(comfy, models):
     assert not _differ(identity[0], identity[0].copy())  # the comparison can fail: equal media are not "changed"
 
 
-def test_cancel_during_personalize_stops_at_the_next_step_and_keeps_the_weights(comfy, models, comfy_server):
+def test_cancel_at_a_random_moment_of_personalize_stops_within_a_second(comfy, models, comfy_server):
+    from narrate_model.entangle import load_entangler
+    from test_server_reliability import cancel_bound
+
     video = comfy.upload(MEDIA / "videos" / "man.mp4")
     prompt = {k: v for k, v in _prompt(models, video, steps=500, name="cancelled").items()
               if k not in ("11", "12", "13")}
+    delay = random.uniform(0.0, 3.0)  # a step of these models takes 2-3 s here: anywhere in forward or backward
     with comfy.listen() as ws:
         prompt_id = comfy.queue(prompt)
         deadline = time.time() + 300
-        while not [m for m in ws.of("progress") if m["node"] == "8" and m["value"] >= 2]:
-            assert time.time() < deadline, "Personalize never reported two steps"
-            time.sleep(0.05)
+        while not [m for m in ws.of("progress") if m["node"] == "8"]:  # the bar at 0: training has started
+            assert not ws.of("execution_error"), ws.of("execution_error")
+            assert time.time() < deadline, "Personalize never started training"
+            time.sleep(0.01)
+        time.sleep(delay)
         asked = time.time()
-        ws_progress = [m for m in ws.of("progress") if m["node"] == "8"]
         comfy.interrupt()
         while not ws.of("execution_interrupted"):
             assert time.time() - asked < 120, "no execution_interrupted message"
-            time.sleep(0.02)
-        stopped = time.time() - asked
+            time.sleep(0.01)
+        index = next(i for i, m in enumerate(ws.messages) if m.get("type") == "execution_interrupted")
+        stopped = ws.times[index] - asked
     entry = comfy.wait(prompt_id, expect="error")
     assert messages_of(entry, "execution_interrupted")
-    card = json.loads((models["base"] / "narrate" / "entangle" / "cancelled.card.json").read_text())
-    assert card["cancelled"] and 2 <= card["steps"] < 500
-    runs = list((comfy_server.base / "output" / "narrate" / "personalize").glob("cancelled*/checkpoints/step-*"))
-    assert runs, "no checkpoint kept"
-    print(f"Personalize stopped {stopped:.2f} s after Cancel, at step {card['steps']}")
-    # NOT the 1 s of the brief: the loop polls Cancel before each micro-batch, so the step under way finishes (and
-    # the checkpoint and entangler are saved) first; one step of these small models takes seconds on a busy CPU.
-    assert card["steps"] <= _steps_at(ws_progress) + 2
+    entangle = models["base"] / "narrate" / "entangle"
+    card = json.loads((entangle / "cancelled.card.json").read_text())
+    bound = cancel_bound()
+    print(f"Personalize: Cancel {delay:.2f} s into training, at step {card['steps']}: stopped {stopped:.2f} s later "
+          f"(bound {bound:.2f} s)")
+    assert stopped <= bound
+    assert card["cancelled"] and card["steps"] < 500
+    load_entangler(str(entangle / "cancelled.safetensors"))  # complete: it loads
+    runs = comfy_server.base / "output" / "narrate" / "personalize"
+    leftovers = [p for folder in (entangle, runs) for p in folder.rglob("*") if "tmp" in p.name]
+    assert leftovers == [], leftovers

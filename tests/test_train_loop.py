@@ -8,12 +8,10 @@ Run as a script, this file is the worker `accelerate launch` starts for the two-
 """
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -36,21 +34,13 @@ from narrate_model.train.config import TrainConfig  # noqa: E402
 from narrate_model.train.lora import LoRA, add_lora, apply_adapters, save_adapters  # noqa: E402
 from narrate_model.train.loop import TrainingError, train, weighted_total  # noqa: E402
 from narrate_model.train.trainable import load_trained_modules, select_trainable  # noqa: E402
+from train_support import log_rows, max_loss_diff, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
 
 TINY = EntanglerConfig(gpt_dim=16, vocab_size=40, latent_channels=4, mask_channels=2, patch_size=2, speaker_dim=8,
                        identity_dim=8, width=16, heads=2)
 # lr_step 3: the StepLR decay happens inside the runs, so its state matters for resume.
 BASE = TrainConfig(lr=3e-3, lr_step=3, batch_size=4, micro_batch=2, max_steps=6, val_every=2, save_every=3, seed=7)
 N_TRAIN, N_VAL = 10, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only waits (15x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(g: torch.Generator, batch=()):
@@ -114,16 +104,6 @@ def run(config, run_dir, noise=0.1, resume=False, **kw):
     objective, root, train_items, val_items = make_setup(config, noise)
     result = train(config, objective, root, train_items, val_items, run_dir, resume=resume, **kw)
     return result, root
-
-
-def log_rows(run_dir, split="train"):
-    with open(Path(run_dir) / "loss_log.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r["split"] == split]
-
-
-def max_loss_diff(rows_a, rows_b):
-    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
-    return max(abs(float(a[k]) - float(b[k])) for a, b in zip(rows_a, rows_b) for k in ("total", "video", "audio"))
 
 
 def entangler_diff(a: nn.Module, b: nn.Module) -> float:
@@ -420,16 +400,24 @@ def test_bf16_mixed_precision_trains(tmp_path):
 
 # -- Cancel -----------------------------------------------------------------------------------------------------------
 
-def test_cancel_saves_weights_keeps_checkpoints_and_resumes_exactly(tmp_path):
+def test_cancel_inside_a_step_keeps_the_saved_checkpoints_and_resumes_exactly(tmp_path):
     config = replace(BASE, max_steps=6, save_every=2, val_every=0)
     run(config, tmp_path / "full")
-    polls = []
-    # 2 micro-batches per step: the 9th poll is the 2nd micro-batch of step 5, so steps 1-4 complete
-    result, root = run(config, tmp_path / "cancel", should_stop=lambda: polls.append(1) or len(polls) >= 9)
-    assert result.cancelled and result.steps == 4
-    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "cancel")] == ["step-0000002", "step-0000004"]
-    assert entangler_diff(load_entangler(str(result.entangler)), root["entangler"]) == 0
-    assert json.loads(result.card.read_text())["cancelled"] is True
+    done, polls = [0], {}
+
+    def should_stop():  # polled all through each step; true in the second of step 4's two micro-batches
+        polls[done[-1]] = polls.get(done[-1], 0) + 1
+        return done[-1] == 3 and polls[3] >= 0.75 * polls[2]
+    result, root = run(config, tmp_path / "cancel", should_stop=should_stop, progress=lambda d, t: done.append(d))
+    print(f"Cancel checks per step: {polls[2]}")
+    assert polls[2] > 2 * config.batch_size // config.micro_batch  # checked inside the passes, not per micro-batch
+    assert result.cancelled and result.steps == 3  # step 4 was dropped
+    # no checkpoint for the cancelled run's last step (saving would outlast the Cancel): the last saved one is kept
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "cancel")] == ["step-0000002"]
+    assert result.checkpoint.name == "step-0000002" and not list((tmp_path / "cancel").rglob("*tmp*"))
+    assert entangler_diff(load_entangler(str(result.entangler)), root["entangler"]) == 0  # step 3's weights
+    card = json.loads(result.card.read_text())
+    assert card["cancelled"] is True and card["steps"] == 3 and card["checkpoint"] == "step-0000002"
     resumed, _ = run(config, tmp_path / "cancel", resume=True)
     assert resumed.steps == 6 and max_loss_diff(log_rows(tmp_path / "full"), log_rows(tmp_path / "cancel")) <= 1e-6
 

@@ -19,6 +19,8 @@ every base checkpoint used; training refuses a dataset made with other checkpoin
 
 `load_sample(dataset, id)` returns (F target frames, S = settings.size, h = S/8; float32 unless noted):
   latents_mean, latents_std [F,4,h,h] and portrait_latent_mean/_std [1,4,h,h]   unscaled VAE moments
+  blank_latent_mean/_std [1,4,h,h]      unscaled VAE moments of an all-zero frame in Hallo's [-1, 1] pixels (mid
+                                        grey): the motion frames of Hallo's start-frame augmentation (start_ratio)
   audio_windows [F,5,layers,C]          wav2vec2 windows (Hallo's audioproj input)
   target_wav_24k [F*960]                target speech (the HiFi-GAN spectrogram loss)
   dvae_codes int64 [N]                  GPT audio targets, N = ceil(target samples at 22.05 kHz / 1024)
@@ -355,6 +357,7 @@ def prepare_clip(path: Path, transcript: Optional[Transcript], models: PrepareMo
     if latents_mean.shape[0] != frames:
         raise Skip("unreadable", f"only {latents_mean.shape[0]} of {frames} video frames decoded")
     portrait_mean, portrait_std = models.vae_moments(face.image(size))
+    blank_mean, blank_std = models.vae_moments(torch.full((1, size, size, 3), 0.5))
     inputs = face.sampler_inputs(size)
 
     features = speech_features(models.wav2vec, target[None], rate, fps=FPS)
@@ -368,6 +371,7 @@ def prepare_clip(path: Path, transcript: Optional[Transcript], models: PrepareMo
     tensors = {
         "latents_mean": latents_mean, "latents_std": latents_std,
         "portrait_latent_mean": portrait_mean.float().cpu(), "portrait_latent_std": portrait_std.float().cpu(),
+        "blank_latent_mean": blank_mean.float().cpu(), "blank_latent_std": blank_std.float().cpu(),
         "face_region": inputs.region[:1].contiguous(),
         "identity": inputs.embedding.float().reshape(512),
         "landmarks": torch.from_numpy(np.asarray(face.landmarks, np.float32)),

@@ -12,12 +12,20 @@ position in it is one integer; with the optimiser, scheduler, scaler and every p
 checkpoint, a resumed run repeats the uninterrupted one step for step. A step whose loss or gradient is not finite is
 skipped (logged, noted in the CSV, no weight changes); ``max_nan_steps`` of them in a row stop the run.
 
+Cancel (``should_stop``) is honoured within a step, not only between steps: one step of NFY's objective is seconds
+of forward and backward pass. In a single process every submodule polls it before its forward pass and the backward
+pass polls it whenever it reads a saved tensor, so a stop is seen within milliseconds; the step under way is dropped
+(its gradients and random draws forgotten) and the run ends at the last completed step. No checkpoint is written
+then (a save takes longer than the second a Cancel may take): the last saved one is kept, and the outputs hold the
+weights of the last completed step.
+
 Outputs in the run folder: ``checkpoints/step-N`` (resumable, see checkpoint.py), ``loss_log.csv``,
 ``loss_curve.png``, ``entangler.safetensors`` (Load Entangler's format) with ``entangler.card.json``, and when they
 train, ``lora.safetensors`` (adapters only) and ``trained_modules.safetensors``: never a base checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -62,7 +70,7 @@ class TrainResult:
     cancelled: bool
     train_losses: dict        # the last step's
     val_losses: Optional[dict]
-    checkpoint: Path
+    checkpoint: Optional[Path]   # the newest saved checkpoint (None: cancelled before the first save)
     entangler: Optional[Path]
     card: Path
 
@@ -167,6 +175,32 @@ def _broadcast_weights(accelerator, params: list[nn.Parameter]) -> None:
             offset += p.numel()
 
 
+class _Stopped(Exception):
+    """``should_stop()`` turned true inside a step (raised by the hooks of ``stop_checks``)."""
+
+
+@contextlib.contextmanager
+def stop_checks(modules: Sequence[nn.Module], should_stop: Callable[[], bool]):
+    """While the block runs, poll ``should_stop`` before the forward pass of every submodule of ``modules`` and each
+    time the backward pass reads a tensor saved for it (nearly every backward op), raising ``_Stopped`` when true."""
+    def check(*_):
+        if should_stop():
+            raise _Stopped
+
+    def unpack(saved: Tensor) -> Tensor:
+        check()
+        return saved
+
+    seen = {id(m): m for root in modules for m in root.modules()}
+    hooks = [m.register_forward_pre_hook(check) for m in seen.values()]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda saved: saved, unpack):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class _Run:
     """One session of a training run (fresh or resumed); ``train`` below is its entry point."""
 
@@ -262,6 +296,14 @@ class _Run:
             raise TypeError(f"the objective returned losses {names}, earlier {self.names}")
         return losses
 
+    def _checked(self, should_stop):
+        """Cancel checks inside the forward and backward pass; only in a single process, since several processes
+        must agree on stopping (a collective), which they can only do at the same point: between micro-batches."""
+        if should_stop is None or self.processes > 1:
+            return contextlib.nullcontext()
+        modules = [m for m in (self.objective, self.trainable) if isinstance(m, nn.Module)]
+        return stop_checks(modules, should_stop)
+
     def step(self, should_stop) -> Optional[bool]:
         """Run one optimiser step; returns None when cancelled, else whether the step was applied."""
         cfg, n_mb = self.config, self.config.micro_batch
@@ -271,20 +313,24 @@ class _Run:
         lr = self.scheduler.get_last_lr()[0]
         total, reason = None, None
         rng_at_start = checkpoint.capture_rng() if should_stop is not None else None
-        for chunk in mine:
-            if should_stop is not None and _any(self.acc, bool(should_stop())):
-                # cancelled inside the step: forget its micro-batches, so the checkpoint saved now resumes exactly
-                self.optimizer.zero_grad(set_to_none=True)
-                checkpoint.restore_rng(rng_at_start)
-                return None
-            losses = self._losses(chunk, self.train_items)
-            values = torch.stack([losses[k].detach().float().reshape(()) for k in self.names])
-            if _any(self.acc, not bool(torch.isfinite(values).all())):
-                bad = [k for k, v in zip(self.names, values.tolist()) if not math.isfinite(v)]
-                reason = f"non-finite loss {bad or '(on another process)'}"
-                break
-            self.acc.backward(losses["total"])
-            total = values if total is None else total + values
+        try:
+            for chunk in mine:
+                if should_stop is not None and _any(self.acc, bool(should_stop())):
+                    raise _Stopped
+                with self._checked(should_stop):
+                    losses = self._losses(chunk, self.train_items)
+                    values = torch.stack([losses[k].detach().float().reshape(()) for k in self.names])
+                    if _any(self.acc, not bool(torch.isfinite(values).all())):
+                        bad = [k for k, v in zip(self.names, values.tolist()) if not math.isfinite(v)]
+                        reason = f"non-finite loss {bad or '(on another process)'}"
+                        break
+                    self.acc.backward(losses["total"])
+                total = values if total is None else total + values
+        except _Stopped:
+            # cancelled inside the step: forget its micro-batches, so the run stands exactly after the last step
+            self.optimizer.zero_grad(set_to_none=True)
+            checkpoint.restore_rng(rng_at_start)
+            return None
         note = ""
         if reason is None:
             params = list(self.params.values())
@@ -390,6 +436,7 @@ class _Run:
             "format": "nfy-train-card/1",
             "outputs": {k: {"file": p.name, "sha256": sha256_file(p)} for k, p in files.items()},
             "steps": self.state.step, "total_steps": self.total_steps, "cancelled": cancelled,
+            "checkpoint": getattr(checkpoint.latest(out), "name", None),  # what `train --resume` continues from
             "samples_seen": self.state.position, "epochs_seen": self.state.position / len(self.train_items),
             "final_train_losses": self.last_train, "val_losses": self.last_val, "val_step": self.last_val_step,
             "data_manifest_sha256": self.manifest_sha256, "base_checkpoints": dict(base_checkpoints),
@@ -414,8 +461,9 @@ def train(config: TrainConfig, objective: Callable[[object], Mapping[str, Tensor
     tensors including ``"total"`` (what is back-propagated; ``weighted_total`` builds it from ``config.loss_weights``).
     When ``objective`` / ``trainable`` are nn.Modules they are moved to the run's device; ``trainable`` may hold
     frozen modules too (only parameters with requires_grad train and are saved). ``progress(step, total)`` is called
-    after every step; ``should_stop()`` is polled before every micro-batch: True ends the run at the last completed
-    step, saves a checkpoint there (earlier ones are kept) and writes the current weights as the run's outputs.
+    after every step; ``should_stop()`` is polled all through each step (in a single process; between micro-batches
+    with several): True drops the step under way, ends the run at the last completed step and writes its weights as
+    the run's outputs; the checkpoints saved so far are kept (a resume continues from the newest).
     ``resume=True`` continues the run in ``run_dir`` from its newest checkpoint and refuses another config.
     ``manifest_sha256`` and ``base_checkpoints`` ({name: sha256}) go into the model card.
     """
@@ -442,9 +490,12 @@ def train(config: TrainConfig, objective: Callable[[object], Mapping[str, Tensor
             run.validate()
         if config.save_every and run.state.step % config.save_every == 0:
             run.save()
-    if not cancelled and run.last_val_step != run.state.step:
-        run.validate()
-    path = run.save() if run.last_saved != run.state.step else checkpoint.latest(run.run_dir)
+    if cancelled:  # keep the last saved checkpoint: saving another would take longer than a Cancel may
+        path = checkpoint.latest(run.run_dir)
+    else:
+        if run.last_val_step != run.state.step:
+            run.validate()
+        path = run.save() if run.last_saved != run.state.step else checkpoint.latest(run.run_dir)
     entangler = card = None
     if run.main:
         try:
@@ -452,8 +503,9 @@ def train(config: TrainConfig, objective: Callable[[object], Mapping[str, Tensor
         except OSError as exc:  # e.g. a full disk: each output is a temporary file until complete; drop those
             for tmp in run.run_dir.glob("*.tmp"):
                 tmp.unlink(missing_ok=True)
-            raise TrainingError(f"could not write the run's outputs in {run.run_dir}: {exc}; the checkpoint "
-                                f"{path.name} is saved, and `train --resume {run.run_dir}` writes them again") from exc
+            saved = (f"the checkpoint {path.name} is saved, and `train --resume {run.run_dir}` writes them again"
+                     if path else "no checkpoint was saved")
+            raise TrainingError(f"could not write the run's outputs in {run.run_dir}: {exc}; {saved}") from exc
     run.acc.wait_for_everyone()
     return TrainResult(run.run_dir, run.state.step, cancelled, run.last_train, run.last_val, path, entangler,
                        card or run.run_dir / CARD_FILE)

@@ -100,10 +100,12 @@ def _audio_batch(samples: Sequence[Mapping], voices: Sequence[VoiceConditioning]
         cond_latents=torch.cat([v.cond_latents for v in voices]))
 
 
-def video_window(sample: Mapping, clip_frames: int, motion_frames: int):
+def video_window(sample: Mapping, clip_frames: int, motion_frames: int, start_ratio: float = 0.0):
     """Hallo's stage-2 window over one sample: `clip_frames` target frames from a random start that leaves
     `motion_frames` frames before it, each frame a draw from its cached VAE posterior (Hallo samples
-    ``latent_dist``), scaled. -> (latents [1, 4, f, h, w], motion latents [1, m, 4, h, w], frame slice)."""
+    ``latent_dist``), scaled. With probability `start_ratio` the motion frames are blank instead (Hallo's start-frame
+    augmentation: it zeroes their pixels before encoding, so the model also learns the first clip of a video, which
+    has no frames before it). -> (latents [1, 4, f, h, w], motion latents [1, m, 4, h, w], frame slice)."""
     frames = sample["latents_mean"].shape[0]
     if frames < clip_frames + motion_frames:
         raise NarrateInputError("data", f"sample {sample['meta'].get('id', '?')} has {frames} frames; the video "
@@ -112,8 +114,15 @@ def video_window(sample: Mapping, clip_frames: int, motion_frames: int):
     span = slice(start - motion_frames, start + clip_frames)
     mean, std = sample["latents_mean"][span], sample["latents_std"][span]
     drawn = (mean + std * torch.randn(mean.shape).to(mean)) * LATENT_SCALE
-    target = drawn[motion_frames:].transpose(0, 1)[None]
-    return target, drawn[:motion_frames][None], slice(start, start + clip_frames)
+    target, motion = drawn[motion_frames:].transpose(0, 1)[None], drawn[:motion_frames]
+    if start_ratio and float(torch.rand(())) < start_ratio:
+        if "blank_latent_mean" not in sample:
+            raise NarrateInputError("data", f"sample {sample['meta'].get('id', '?')} was prepared before the start-"
+                                    "frame augmentation (no blank_latent_mean): prepare the dataset again, or "
+                                    "train with start_ratio 0")
+        mean, std = sample["blank_latent_mean"].expand_as(motion), sample["blank_latent_std"].expand_as(motion)
+        motion = (mean + std * torch.randn(mean.shape).to(mean)) * LATENT_SCALE
+    return target, motion[None], slice(start, start + clip_frames)
 
 
 class NFYObjective(nn.Module):
@@ -144,7 +153,7 @@ class NFYObjective(nn.Module):
         v, cfg = self.video, self.video_config
         batches = []
         for sample, face in zip(samples, faces):
-            target, motion, span = video_window(sample, cfg.clip_frames, cfg.motion_frames)
+            target, motion, span = video_window(sample, cfg.clip_frames, cfg.motion_frames, cfg.start_ratio)
             regions = [[sample[f"mask_{name}_{i}"].expand(cfg.clip_frames, -1)[None] for i in range(4)]
                        for name in ("full", "face", "lip")]
             plain = v.VideoBatch(latents=target,
@@ -197,15 +206,19 @@ class DatasetSamples(Sequence):
         return load_sample(self.dataset, self.ids[index])
 
 
-def make_entangler(init: Union[str, Path, Entangler, None], sample: Mapping) -> Entangler:
+def make_entangler(init: Union[str, Path, Entangler, None], sample: Mapping, seed: int = 0) -> Entangler:
     """The entangler to train: 'ETE' / 'STE' at the identity initialisation (sized to the dataset's XTTS and VAE), a
-    saved entangler file to continue from, or a module."""
+    saved entangler file to continue from, or a module. The identity initialisation draws its attention weights
+    from a generator seeded with `seed` (the run's): only the write-backs start at zero, so the rest of the draw
+    shapes every step after the first, and the same seed must give the same run."""
     if isinstance(init, Entangler):
         return init
     if init is None or str(init).upper() in ("ETE", "STE"):
-        return Entangler(EntanglerConfig(mode=str(init or "ETE").upper(),
-                                         gpt_dim=sample["gpt_cond_latent"].shape[-1],
-                                         latent_channels=sample["portrait_latent_mean"].shape[1]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Entangler(EntanglerConfig(mode=str(init or "ETE").upper(),
+                                             gpt_dim=sample["gpt_cond_latent"].shape[-1],
+                                             latent_channels=sample["portrait_latent_mean"].shape[1]))
     return load_entangler(str(init))
 
 
@@ -267,7 +280,7 @@ def build_run(data_dir: Path, models_dir: Path, config: TrainConfig, *,
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     xtts, _ = load_xtts(files["xtts"].parent, device=device)
-    models = {"xtts": xtts, "entangler": make_entangler(entangler, load_sample(data_dir, ids[0]))}
+    models = {"xtts": xtts, "entangler": make_entangler(entangler, load_sample(data_dir, ids[0]), config.seed)}
     base = {name: h["sha256"] for name, h in hashes.items()}
     kw = dict(vocoder_window=vocoder_window)
     if "video" in config.loss_weights:

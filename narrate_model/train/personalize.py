@@ -81,7 +81,7 @@ def personalize(models: PrepareModels, hallo: Optional[nn.Module], video: Union[
     if "video" in weights and hallo is None:
         raise ValueError("the video term needs the Hallo Net")
     autograd_ready(models.xtts, hallo)
-    parts = {"entangler": make_entangler(entangler, sample), "xtts": models.xtts}
+    parts = {"entangler": make_entangler(entangler, sample, config.seed), "xtts": models.xtts}
     if "video" in weights:
         parts["hallo"] = hallo
     kw = {"video_config": video_config} if "video" in weights else {}

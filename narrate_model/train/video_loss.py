@@ -62,6 +62,8 @@ class VideoLossConfig:
     drop_reference: float = 0.05
     drop_audio: float = 0.05
     drop_both: float = 0.05
+    # stage2.yaml start_ratio: so often the motion frames are blank (zero pixels), as at the start of a video
+    start_ratio: float = 0.05
     checkpointing: Optional[str] = "non_reentrant"  # None, "reentrant" (Hallo's) or "non_reentrant"
     motion_frames_branch: bool = True
     pixel_l1_weight: float = 0.0
