@@ -34,6 +34,8 @@ def panel_origins(layout: str, speakers: int, size: int) -> list[tuple[int, int]
 
 def canvas_size(layout: str, speakers: int, size: int) -> tuple[int, int]:
     """(height, width) of the video."""
+    if layout == "cut":
+        return size, size
     cols = columns(layout, speakers)
     return math.ceil(speakers / cols) * size, cols * size
 

@@ -29,10 +29,9 @@ from ..xtts.sampling import SamplingParams
 from ..xtts.text import tokenize
 from ..xtts.voice import VoiceProfile, encode_voice
 from . import compose
-from .script import Turn, parse_script
+from .script import MAX_SPEAKERS, Turn, parse_script
 from .timeline import Timeline, audible_span, mix, place, srt
 
-MAX_SPEAKERS = 6
 DECODE_BATCH = pipeline.DECODE_BATCH
 
 

@@ -12,6 +12,7 @@ from typing import Union
 from ..errors import NarrateInputError
 
 MAX_PAUSE_S = 60.0
+MAX_SPEAKERS = 6
 # A name is what precedes the first colon, when it starts with a letter and is at most 40 characters without
 # brackets: "ALICE: hi", "Dr. Lee: hi". "10:30 is late" has no name (it does not start with a letter).
 NAMED = re.compile(r"^\s*([^\W\d_][^:\[\]]{0,39}?)\s*:(.*)$")

@@ -24,8 +24,8 @@ class Placed:
     text: str
     start: int  # first sample of the turn's audio on the track
     length: int  # samples
-    cue_start: float  # seconds: first audible sample
-    cue_end: float  # seconds: last audible sample
+    cue_start: Fraction  # seconds, exactly: the first audible sample
+    cue_end: Fraction  # seconds, exactly: one past the last audible sample
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def place(items: list[Item], speakers: list[int], lengths: list[int], spans: lis
             at += gap_samples
         first, last = spans[turn_index]
         placed.append(Placed(speakers[turn_index], item.text, at, lengths[turn_index],
-                             (at + first) / sample_rate, (at + last) / sample_rate))
+                             Fraction(at + first, sample_rate), Fraction(at + last, sample_rate)))
         at += lengths[turn_index]
         turn_index += 1
     return Timeline(placed, at, sample_rate)
@@ -90,7 +90,7 @@ def mix(timeline: Timeline, speeches: list[torch.Tensor], speakers: int) -> tupl
     return stems.sum(0, keepdim=True), stems
 
 
-def _stamp(seconds: float) -> str:
+def _stamp(seconds: Fraction) -> str:
     ms = round(seconds * 1000)
     return f"{ms // 3_600_000:02}:{ms // 60_000 % 60:02}:{ms // 1000 % 60:02},{ms % 1000:03}"
 
