@@ -148,13 +148,14 @@ class Dialogue(io.ComfyNode):
         speakers = [speaker_inputs[slot] for slot in connected]
         encode, decode = vae_callables(vae)
         models = DialogueModels(xtts=xtts.model(), tokenizer=xtts.tokenizer, hallo=hallo.model(),
-                                wav2vec=wav2vec.model(), vae_encode=encode, vae_decode=decode)
+                                wav2vec=wav2vec.model(), vae_encode=encode, vae_decode=decode,
+                                vae_module=getattr(vae, "first_stage_model", None))
         settings = DialogueSettings(
             layout=layout, gap=gap, fps=av.exact_fps(fps), size=size,
             speech=SamplingParams(temperature=temperature, seed=seed, max_new_tokens=max_codes or None),
             video=SamplerSettings(steps=steps, cfg=cfg, seed=seed, scheduler=scheduler))
-        height, width = compose.canvas_size(layout, len(speakers), size) if layout in compose.LAYOUTS else (size,
-                                                                                                             size)
+        known = layout in compose.LAYOUTS  # an unknown one fails in the library, naming the input
+        height, width = compose.canvas_size(layout, max(1, len(speakers)), size) if known else (size, size)
         path, saved = output_mp4(filename_prefix, width, height)
         with input_errors("Dialogue"), torch.inference_mode():
             result = dialogue_to_mp4(models, speakers, script, path, settings, progress_bar(1))

@@ -70,6 +70,7 @@ class DialogueModels:
     wav2vec: torch.nn.Module
     vae_encode: pipeline.VaeEncode
     vae_decode: pipeline.VaeDecode
+    vae_module: Optional[torch.nn.Module] = None  # the network behind the VAE callables: Cancel is checked inside it
 
 
 @dataclass
@@ -240,7 +241,8 @@ def dialogue_to_mp4(models: DialogueModels, speakers: list[Speaker], script: str
     layout, size = settings.layout, settings.size
     visible = sorted(set(who)) if layout == "cut" else range(len(speakers))
     sources: dict[int, SpeakerFrames] = {}
-    with checked([models.hallo, models.wav2vec], progress, 0, total) as tracked:
+    watched = [models.hallo, models.wav2vec] + ([models.vae_module] if models.vae_module is not None else [])
+    with checked(watched, progress, 0, total) as tracked:
         for i in visible:
             face = replace(speakers[i].face, reference_latent=models.vae_encode(speakers[i].face.image(size))
                            .float().cpu())
