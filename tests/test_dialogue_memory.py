@@ -51,15 +51,17 @@ def run_case(turns: int, layout: str, hold: bool, out_dir: Path) -> dict:
             Image.open(MEDIA / "images" / image).convert("RGB")).copy()).float() / 255, [voice_clip()],
             m.landmarker) for name, image in zip(NAMES, images)]
     models = run.DialogueModels(m.xtts, m.tokenizer, m.hallo, m.wav2vec, m.vae_encode, m.vae_decode)
-    settings = run.DialogueSettings(layout=layout, gap=0.2, size=SIZE, speech=SamplingParams(seed=1, max_new_tokens=8),
+    settings = run.DialogueSettings(layout=layout, gap=0.2, size=SIZE,
+                                    speech=SamplingParams(seed=1, max_new_tokens=8),
                                     video=SamplerSettings(steps=1, cfg=1.0, seed=1))
     if hold:  # the control: every speaker's run decoded in full and the whole video composed before it is written
         kept, take, write = [], run.SpeakerFrames.take, run.av.write_mp4
         run.SpeakerFrames.take = lambda self, n: kept.append(take(self, n)) or kept[-1]
         run.av.write_mp4 = lambda path, frames, *a, **k: write(path, list(frames), *a, **k)
     start = time.perf_counter()
+    path = out_dir / f"{turns}_{hold}_{time.time_ns()}.mp4"
     with torch.inference_mode():
-        result = run.dialogue_to_mp4(models, speakers, script(turns), str(out_dir / f"{turns}_{hold}_{time.time_ns()}.mp4"), settings)
+        result = run.dialogue_to_mp4(models, speakers, script(turns), str(path), settings)
     return {"turns": len(result.timeline.turns), "frames": result.frames, "hold": hold,
             "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
 

@@ -9,9 +9,7 @@ Changing a line of the script re-uses the speakers' cached encodings; Cancel sto
 casts and scripts fail before any generation with errors that name what to fix."""
 from __future__ import annotations
 
-import copy
 import io
-import json
 import math
 
 import av
