@@ -1,5 +1,5 @@
 """The pack's command line: `python -m narrate_model list | download NAME... | convert FILE.pth | narrate ... |
-evaluate ... | benchmark-quality ...`.
+dialogue ... | evaluate ... | benchmark-quality ...`.
 
 Run it from the pack's folder (ComfyUI/custom_nodes/<pack>), where `narrate_model` is importable; the models folder
 defaults to the ComfyUI installation's (../../models), or pass --models-dir.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import evaluate_cli, narrate_cli
+from . import dialogue_cli, evaluate_cli, narrate_cli
 from .fetch import DownloadError, fetch
 from .train import cli as train_cli, prepare_cli
 from .weights import PACK_DIR, BUNDLES, LICENCES, convert_to_safetensors, licence_notice, local_path, resolve, status
@@ -102,6 +102,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("narrate", help="portrait + voice + text -> .mp4, through a ComfyUI server")
     narrate_cli.add_arguments(p)
     p.set_defaults(run=narrate_cli.run)
+
+    p = sub.add_parser("dialogue", help="a script of several speakers -> one .mp4 + .srt, through a ComfyUI server")
+    dialogue_cli.add_arguments(p)
+    p.set_defaults(run=dialogue_cli.run)
 
     p = sub.add_parser("prepare", help="talking-head videos -> a cached training set (manifest + shards)")
     prepare_cli.add_arguments(p, DEFAULT_MODELS)

@@ -6,11 +6,11 @@ from pathlib import Path
 from comfy_api.latest import ComfyExtension, io
 
 from .common import register_model_folders
-from . import evaluate, narrate, speech, train, video, weights
+from . import dialogue, evaluate, narrate, speech, train, video, weights
 from .mux import AVMux
 
 NODES: list[type[io.ComfyNode]] = [*speech.NODES, *video.NODES, *narrate.NODES, AVMux, *weights.NODES,
-                                 *evaluate.NODES, *train.NODES]
+                                 *evaluate.NODES, *train.NODES, *dialogue.NODES]
 
 
 EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "inputs"

@@ -14,7 +14,7 @@ PACK_NODES = {"NFY_AVMux", "NFY_LoadXTTS", "NFY_TextBPE", "NFY_VoiceProfileEncod
               "NFY_Vocoder", "NFY_DownloadWeights", "NFY_LoadHallo", "NFY_LoadWav2Vec", "NFY_FaceEncode",
               "NFY_SpeechFeatures", "NFY_VideoDiffusionSampler", "NFY_BatchedVAEDecode", "NFY_LoadEntangler",
               "NFY_Entangle", "NFY_StreamToMP4", "NFY_Narrate", "NFY_SpeechMetrics", "NFY_VideoMetrics",
-              "NFY_LipSync", "NFY_Personalize"}
+              "NFY_LipSync", "NFY_Personalize", "NFY_Speaker", "NFY_Dialogue"}
 
 
 def test_server_imports_the_pack_without_failure_or_network(comfy_server, comfy):

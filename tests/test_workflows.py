@@ -18,7 +18,8 @@ from workflow_tools import EXAMPLE_INPUTS, MODEL_DIRECTORIES, TEMPLATES, WORKFLO
 
 FPS = 25
 RUN_NAMES = ["narrate", "narrate_simple", "speech_only", "animate_from_audio"]
-NAMES = [*RUN_NAMES, "personalize_narrate"]  # its graph runs in test_server_train.py (training is slow here)
+NAMES = [*RUN_NAMES, "personalize_narrate", "dialogue"]  # run in test_server_train.py (training is slow here)
+# and test_dialogue_server.py
 
 
 SMALL_SETTINGS = {"size": 64, "steps": 1, "max_codes": 20}

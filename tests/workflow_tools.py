@@ -18,7 +18,8 @@ EXAMPLE_INPUTS = WORKFLOWS / "inputs"  # what the templates name; the pack copie
 # API name -> template title (the UI file's name without .json)
 TEMPLATES = {"narrate_simple": "Narrate a portrait (one node)", "narrate": "Narrate a portrait (every stage)",
              "speech_only": "Clone a voice (speech only)", "animate_from_audio": "Animate a portrait from speech",
-             "personalize_narrate": "Personalize from a video, then narrate"}
+             "personalize_narrate": "Personalize from a video, then narrate",
+             "dialogue": "Dialogue of two speakers (one script)"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN, ROW = 420, 40
 
