@@ -127,6 +127,11 @@ class ReferenceTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
+    def reference_keys_values(self, bank: torch.Tensor, batch: int, dtype: torch.dtype):
+        """Keys and values of each batch item's reference image (image 0 of its bank rows) -> 2 x [b, L, inner]."""
+        ref = bank.to(dtype).unflatten(0, (batch, -1))[:, 0]
+        return self.attn1.to_k(ref), self.attn1.to_v(ref)
+
     def self_attention(self, x: torch.Tensor, read: ReferenceRead, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         batch = n // frames
@@ -139,14 +144,11 @@ class ReferenceTransformerBlock(nn.Module):
         # so row k reads the reference of half k % b: with CFG the cond half's even frames see the reference image
         # the writer paired with the uncond face tokens. Each reference is projected once, then shared by its rows.
         rows = torch.arange(first, n, device=x.device) % batch
-        ref = bank[:, 0]
-
-        def project():
-            return attn.to_k(ref), attn.to_v(ref)
         if read.kv_cache is None:
-            ref_k, ref_v = project()
+            ref_k, ref_v = self.reference_keys_values(read.bank, batch, x.dtype)
         else:
-            ref_k, ref_v = read.kv_cache.projected(read.key, read.bank, project)
+            ref_k, ref_v = read.kv_cache.projected(
+                read.key, read.bank, lambda: self.reference_keys_values(read.bank, batch, x.dtype))
         k_ref = torch.cat([k[first:], ref_k[rows]], dim=1)
         v_ref = torch.cat([v[first:], ref_v[rows]], dim=1)
         out = attn.attend(q[first:], k_ref, v_ref)

@@ -183,6 +183,8 @@ def denoise_clip(net: HalloNet, scheduler: SchedulerMixin, generator: torch.Gene
     banks = write_banks(net.reference_unet, ref_latents, cond.face_tokens)  # ReferenceNet once per clip, t = 0
     if reference_kv is None and settings.reference_kv_cache:
         reference_kv = ReferenceKVCache()
+    if reference_kv is not None:
+        net.denoising_unet.project_reference(banks, cond.face_tokens.shape[0], reference_kv)
     step_kwargs = _step_kwargs(scheduler, generator)
     for t in scheduler.timesteps:
         x = torch.cat([latents] * 2) if cond.cfg else latents

@@ -337,6 +337,16 @@ class DenoisingUNet(nn.Module):
                 block.motion_modules = nn.ModuleList()
                 self.skipped_motion_modules_dropped = True
 
+    def project_reference(self, banks: Mapping[str, torch.Tensor], halves: int, cache: ReferenceKVCache) -> None:
+        """Fill `cache` with every reader block's reference keys / values for these banks (`halves` batch items),
+        ahead of the steps: the steps then only read it (and a compiled UNet sees one cache state, one graph)."""
+        dtype = self.conv_in.weight.dtype
+        for module in self.modules():
+            if isinstance(module, ImageTransformer):
+                block, bank = module.transformer_blocks[0], banks[module.bank_key]
+                cache.projected(module.bank_key, bank,
+                                lambda: block.reference_keys_values(bank, halves, dtype))
+
     def reference_block_names(self) -> list[str]:
         return [m.bank_key for m in self.modules() if isinstance(m, ImageTransformer)]
 
