@@ -85,14 +85,21 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin] = "ddim") -> SchedulerM
     return cls.from_config(DDIMScheduler(**HALLO_SCHEDULER_CONFIG).config)
 
 
-def diffusers_vae_callables(vae) -> tuple[VaeEncode, VaeDecode]:
-    """`vae_encode` / `vae_decode` for a diffusers `AutoencoderKL` (unscaled latents, pixels [N,H,W,3] 0..1)."""
+TILED_DECODE_ABOVE = 512  # pixels per side: larger frames are decoded in overlapping tiles (diffusers' tiled_decode)
+
+
+def diffusers_vae_callables(vae, tile_above: Optional[int] = TILED_DECODE_ABOVE) -> tuple[VaeEncode, VaeDecode]:
+    """`vae_encode` / `vae_decode` for a diffusers `AutoencoderKL` (unscaled latents, pixels [N,H,W,3] 0..1).
+    Frames larger than `tile_above` pixels a side are decoded tile by tile, so the decoder's activations stay those
+    of a 512x512 frame on a small card (None: never tiled)."""
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
         return vae.encode(x).latent_dist.mean
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        x = vae.decode(latents.to(vae.device, vae.dtype)).sample
+        z = latents.to(vae.device, vae.dtype)
+        tiled = tile_above is not None and max(z.shape[-2:]) * 8 > tile_above
+        x = (vae.tiled_decode(z) if tiled else vae.decode(z)).sample
         return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     return encode, decode
 
