@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="hallo,xtts,vae,narration,hallo_compiled",
                     help="which sections, in the order they run (per dtype)")
     ap.add_argument("--decode-batch", type=int, default=8, help="frames per VAE decode call")
-    ap.add_argument("--budget-s", type=float, default=450, help="skip sections that would end after this")
+    ap.add_argument("--budget-s", type=float, default=420, help="skip sections that would end after this")
     ap.add_argument("--fail", action="append", default=[],
                     help="make this section raise (e.g. xtts_fp16), to check that the report keeps the others")
     args = ap.parse_args(argv)

@@ -16,4 +16,5 @@ if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec
        "bring the .whl/ folder along" >&2
   exit 2
 fi
-exec "$PYTHON" benchmarks/gpu.py "$@"
+# a hard stop under 8 minutes: gpu.py writes its JSON after every section, so what finished is kept
+exec timeout --signal=INT "${GPU_SH_TIMEOUT:-470}" "$PYTHON" benchmarks/gpu.py "$@"
