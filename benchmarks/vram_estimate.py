@@ -85,26 +85,37 @@ def weight_bytes(module: torch.nn.Module, bytes_per_number: int) -> int:
     return sum(t.numel() for t in (*module.parameters(), *module.buffers())) * bytes_per_number
 
 
-def hallo_step_peak(net, size: int, frames: int = 16) -> int:
-    """One clip's ReferenceNet pass + reference K/V + one CFG denoising call, on meta tensors in fp16."""
+def clip_step(net, size: int, frames: int = 16, cached: bool = True):
+    """One clip's Hallo work on meta tensors in fp16: ReferenceNet banks, reference K/V (when `cached`), and one
+    denoising call on both CFG halves. Returns (prepare, step): call prepare() once, then step(*its result)."""
     c, h = net.config, size // 8
     dtype, meta = torch.float16, "meta"
 
-    def work():
+    def prepare():
         face_tokens = torch.empty(2, c.imageproj.clip_extra_context_tokens, c.imageproj.cross_attention_dim,
                                   device=meta, dtype=dtype)
         banks = write_banks(net.reference_unet, torch.empty(3, 4, h, h, device=meta, dtype=dtype), face_tokens)
-        cache = ReferenceKVCache()
-        net.denoising_unet.project_reference(banks, 2, cache)
+        cache = ReferenceKVCache() if cached else None
+        if cached:
+            net.denoising_unet.project_reference(banks, 2, cache)
+        return face_tokens, banks, cache
+
+    def step(face_tokens, banks, cache):
         audio = torch.empty(2, frames, c.audioproj.context_tokens, c.audioproj.output_dim, device=meta, dtype=dtype)
         masks = [[torch.empty(2 * frames, (-(-h // 2 ** level)) ** 2, device=meta, dtype=dtype) for level in range(4)]
                  for _ in range(3)]
         located = torch.empty(2, c.face_locator.conditioning_embedding_channels, frames, h, h, device=meta,
                               dtype=dtype)
         sample = torch.empty(2, 4, frames, h, h, device=meta, dtype=dtype)
-        net.denoising_unet(sample, 999, face_tokens, audio, masks, located, banks, uncond_plain=True,
-                           reference_kv=cache)
-    return count_peak(work)
+        return net.denoising_unet(sample, 999, face_tokens, audio, masks, located, banks, uncond_plain=True,
+                                  reference_kv=cache)
+    return prepare, step
+
+
+def hallo_step_peak(net, size: int, frames: int = 16) -> int:
+    """One clip's ReferenceNet pass + reference K/V + one CFG denoising call, on meta tensors in fp16."""
+    prepare, step = clip_step(net, size, frames)
+    return count_peak(lambda: step(*prepare()))
 
 
 def vae_decode_peak(vae, size: int, batch: int) -> int:
