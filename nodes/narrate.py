@@ -48,7 +48,9 @@ def narration_models(xtts, hallo, wav2vec, entangler: EntanglerHandle | None):
     trained = entangler is not None and entangler.path is not None
     patchers = [xtts.patcher, hallo.patcher, wav2vec.patcher] + ([entangler.managed()] if trained else [])
     xtts_model, hallo_model, wav2vec_model, *rest = load_together(patchers)
-    return xtts_model, hallo_model, wav2vec_model, rest[0] if trained else (None if entangler is None else entangler.mode)
+    if trained:
+        return xtts_model, hallo_model, wav2vec_model, rest[0]
+    return xtts_model, hallo_model, wav2vec_model, None if entangler is None else entangler.mode
 
 
 class LoadEntangler(io.ComfyNode):
