@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads, here, the wheels benchmarks/gpu.sh installs on a GPU machine without a package registry: only what
 # that machine lacks (its image has torch, transformers, accelerate, safetensors, numpy, pillow, huggingface-hub,
-# regex, requests, filelock: /work/.library/device/KINDS.md). diffusers is pure Python (6.1 MB for 0.42.1).
+# regex, requests, filelock and importlib.metadata in Python 3.12). diffusers is pure Python (6.1 MB for 0.42.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
