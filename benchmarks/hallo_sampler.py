@@ -4,6 +4,7 @@ memory against video length.
     python benchmarks/hallo_sampler.py                        # CPU: reduced speed + memory vs length
     python benchmarks/hallo_sampler.py --device cuda --full   # GPU: also the full-size 512x512 figure (fp16)
     python benchmarks/hallo_sampler.py --only full --device cuda --full   # just that, merged into the results file
+    python benchmarks/hallo_sampler.py --only kv_cache         # the K/V cache ratio on this machine (~2-4 min)
 
 Sections of benchmarks/results/hallo_sampler.json (a run replaces the sections it ran, keeps the others):
   full     512x512, 40 DDIM steps, CFG 3.5, 16-frame clips, 2 motion frames, the full Net (2.4 G parameters) and an
@@ -12,6 +13,8 @@ Sections of benchmarks/results/hallo_sampler.json (a run replaces the sections i
            initialising the full Net on the CPU alone takes ~10 GB and minutes.
   reduced  the full layout with narrower blocks (see the recorded config): one ReferenceNet pass and a few measured
            denoising steps (both CFG halves, batch 2 x 16 frames); 40 steps per clip are extrapolated from them.
+  kv_cache the reduced Net's denoising step with the reference K/V cache on and off (SamplerSettings
+           .reference_kv_cache), alternating in one process: the per-step ratio
   memory   peak RSS of a fresh process running sample_video for 1, 2, 4, 8 clips with the tiny fixture Net + VAE and
            realistic face inputs (man.jpg through encode_face); the ratio peak(8 clips) / peak(1 clip).
 """
@@ -43,6 +46,9 @@ from narrate_model.hallo.reference import write_banks
 from narrate_model.hallo.sampler import (ClipConditioning, FaceInputs, SamplerSettings, _clip_audio_tokens,
                                          denoise_clip, diffusers_vae_callables, make_scheduler, sample_video)
 from narrate_model.hallo.unet import UNet3DConfig
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import provenance  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 HALLO_FIXTURES = SHARED / "fixtures" / "hallo"
@@ -260,6 +266,88 @@ def bench_reduced(device: str, size: int, measured_steps: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------------------- kv_cache
+def bench_kv_cache(device: str, size: int, measured_steps: int, repeats: int) -> dict:
+    """The reduced Net's denoising step with the reference K/V projected once per clip (the default) and at every
+    step (`SamplerSettings.reference_kv_cache=False`), in one process, the two alternating so that a change in the
+    machine's load hits both."""
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    load_before = round(os.getloadavg()[0], 2)
+    torch.manual_seed(0)
+    face, image = portrait_face(size)
+    net = build_net(REDUCED, device=device).to(dtype)
+    net.denoising_unet.drop_skipped_motion_modules()  # as load_hallo does
+    encode, _ = diffusers_vae_callables(sd_vae(device, dtype))
+    steps = {False: [], True: []}
+    cpu_steps = {False: [], True: []}  # process CPU seconds: less swayed than wall time by other jobs on the machine
+    with torch.no_grad():
+        reference = encode(image).float().to(device) * net.config.latent_scale
+        ref_and_motion = torch.cat([reference] * (1 + MOTION_FRAMES))
+        cond = ClipConditioning(net, face, CLIP_LENGTH, cfg=True)
+        tokens = _clip_audio_tokens(net, audio_windows(REDUCED, CLIP_LENGTH), cfg=True)
+        for repeat in range(repeats):
+            for cached in ((False, True) if repeat % 2 else (True, False)):  # the order alternates too
+                marks, cpu_marks = [], []
+
+                def mark():
+                    sync(device)
+                    marks.append(time.perf_counter())
+                    cpu_marks.append(time.process_time())
+                settings = SamplerSettings(steps=measured_steps + 1, cfg=CFG, clip_length=CLIP_LENGTH,
+                                           motion_frames=MOTION_FRAMES, reference_kv_cache=cached)
+                # the intervals between step ends: the ReferenceNet pass and the K/V projection come before step 1
+                denoise_clip(net, make_scheduler(), torch.Generator().manual_seed(0), cond, tokens, ref_and_motion,
+                             settings, on_step=mark)
+                steps[cached] += [b - a for a, b in itertools.pairwise(marks)]
+                cpu_steps[cached] += [b - a for a, b in itertools.pairwise(cpu_marks)]
+    flops = {name: step_flops(config, FULL_SIZE if name == "full" else size) for name, config in
+             (("full", HalloConfig()), ("reduced", REDUCED))}
+    # the fastest step of each setting: the one least disturbed by other jobs on a shared machine
+    uncached, cached = min(steps[False]), min(steps[True])
+    uncached_cpu, cached_cpu = min(cpu_steps[False]), min(cpu_steps[True])
+    return {
+        "device": device, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "net": "the reduced Net of the 'reduced' section (random weights), skipped motion modules dropped",
+        "video": {"size": size, "frames_per_clip": CLIP_LENGTH, "cfg": CFG, "unet_batch": 2 * CLIP_LENGTH},
+        "uncached_step_s": [round(x, 3) for x in steps[False]],
+        "cached_step_s": [round(x, 3) for x in steps[True]],
+        "uncached_step_median_s": round(statistics.median(steps[False]), 3),
+        "cached_step_median_s": round(statistics.median(steps[True]), 3),
+        "uncached_step_min_s": round(uncached, 3), "cached_step_min_s": round(cached, 3),
+        "speedup_uncached_over_cached": round(uncached / cached, 3),
+        "uncached_step_cpu_s": [round(x, 3) for x in cpu_steps[False]],
+        "cached_step_cpu_s": [round(x, 3) for x in cpu_steps[True]],
+        "cpu_time_speedup_uncached_over_cached": round(uncached_cpu / cached_cpu, 3),
+        "load_average_1m_before": load_before,
+        "flops_per_step": flops,
+        "note": "per-step wall time of denoise_clip (both CFG halves, 16 frames); the speedups compare each "
+                "setting's fastest step (the least disturbed by other jobs on this shared CPU); the two settings "
+                "alternate within one process, in alternating order. flops_per_step counts the arithmetic on the "
+                "meta device, independent of the machine",
+    }
+
+
+def step_flops(config: HalloConfig, size: int) -> dict:
+    """Floating-point operations of one CFG denoising step (16 frames), counted on the meta device (no arithmetic,
+    independent of the machine's load), with the reference K/V projected in the step and read from the cache."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vram_estimate import clip_step
+
+    net = build_net(config, device="meta").half()
+    net.denoising_unet.drop_skipped_motion_modules()
+    counted = {}
+    with torch.no_grad():
+        for cached in (False, True):
+            prepare, step = clip_step(net, size, cached=cached)
+            state = prepare()
+            with FlopCounterMode(display=False) as counter:
+                step(*state)
+            counted[cached] = counter.get_total_flops()
+    return {"size": size, "uncached": counted[False], "cached": counted[True],
+            "saved_fraction": round(1 - counted[True] / counted[False], 5)}
+
+
 # ---------------------------------------------------------------------------------------------------------- memory
 def status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -363,6 +451,14 @@ def table(results: dict) -> str:
             ("  per frame, 40 steps", (f"{e['seconds_per_frame']} s (extrapolated; ReferenceNet + UNet alone "
                                        f"{e['unet_seconds_per_frame']} s)")),
         ]
+    kv = results.get("kv_cache")
+    if kv:
+        rows += [(f"K/V cache, reduced Net {kv['video']['size']}px ({kv['device']} {kv['dtype']})",
+                  f"fastest step {kv['uncached_step_min_s']} s uncached -> {kv['cached_step_min_s']} s cached "
+                  f"(x{kv['speedup_uncached_over_cached']}; CPU time x{kv['cpu_time_speedup_uncached_over_cached']})"),
+                 ("  FLOPs saved per step (full 512px / reduced)",
+                  f"{kv['flops_per_step']['full']['saved_fraction']:.2%} / "
+                  f"{kv['flops_per_step']['reduced']['saved_fraction']:.2%}")]
     mem = results.get("memory")
     if mem:
         ratio_key = next(k for k in mem if k.startswith("peak_ratio_"))
@@ -388,10 +484,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--full", action="store_true", help="also measure the full-size Net end to end (needs cuda)")
     ap.add_argument("--full-clips", type=int, default=2, help="clips of the full-size run (16 frames each)")
-    ap.add_argument("--only", choices=("full", "reduced", "memory"), action="append",
+    ap.add_argument("--only", choices=("full", "reduced", "memory", "kv_cache"), action="append",
                     help="run only these sections (repeatable)")
     ap.add_argument("--reduced-size", type=int, default=256, help="video size of the reduced run (pixels)")
     ap.add_argument("--reduced-steps", type=int, default=3, help="denoising steps measured (after a warm-up step)")
+    ap.add_argument("--kv-size", type=int, default=128, help="video size of the K/V cache comparison (pixels)")
+    ap.add_argument("--kv-steps", type=int, default=2, help="steps measured per run of the K/V cache comparison")
+    ap.add_argument("--kv-repeats", type=int, default=4, help="runs of each setting in the K/V cache comparison")
     ap.add_argument("--memory-clips", default="1,2,4,8")
     ap.add_argument("--memory-size", type=int, default=256, help="video size of the memory runs (pixels)")
     ap.add_argument("--memory-steps", type=int, default=2)
@@ -406,7 +505,7 @@ def main() -> None:
         return
     if args.full and not args.device.startswith("cuda"):
         ap.error("--full needs --device cuda: the full-size Net (2.4 G parameters) is not run on the CPU")
-    sections = set(args.only or ("full", "reduced", "memory"))
+    sections = set(args.only or ("full", "reduced", "memory", "kv_cache"))
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     run = {
         # memory first: its fresh processes are spawned while this one is still small
@@ -414,10 +513,11 @@ def main() -> None:
                                        args.memory_steps),
         "reduced": lambda: bench_reduced(args.device, args.reduced_size, args.reduced_steps),
         "full": lambda: bench_full(args.device, args.full_clips) if args.full else full_not_measured(args.device),
+        "kv_cache": lambda: bench_kv_cache(args.device, args.kv_size, args.kv_steps, args.kv_repeats),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in [name for name in run if name in sections]:
-        results[name] = {**run[name](), "environment": environment()}
+        results[name] = {**run[name](), "environment": environment(), "provenance": provenance.environment()}
         args.out.write_text(json.dumps(results, indent=1) + "\n")  # after every section: nothing measured is lost
     print(table(results))
 

@@ -57,6 +57,7 @@ class NarrationSettings:
     video: SamplerSettings = field(default_factory=SamplerSettings)
     max_voice_seconds: float = 30
     voice_chunk_seconds: float = 4
+    decode_batch: int = DECODE_BATCH  # frames decoded at a time: bounds the decoder's memory at any video length
 
 
 # --- the stages --------------------------------------------------------------------------------------------------
@@ -87,11 +88,12 @@ def latent_masks(face: FaceEncoding, height: int, width: int) -> torch.Tensor:
     return F.interpolate(torch.cat(masks, 1), size=(height, width), mode="bilinear", align_corners=False)
 
 
-def identity_entangler(voice: VoiceProfile, face: FaceEncoding, mode: str = "ETE") -> Entangler:
+def identity_entangler(voice: VoiceProfile, face: FaceEncoding, mode: str = "ETE",
+                       device: Union[str, torch.device, None] = None) -> Entangler:
     """An entangler at its identity initialisation, sized to this voice and face (no trained NFY weights exist)."""
     config = EntanglerConfig(mode=mode, gpt_dim=voice.gpt_cond_latent.shape[-1],
                              latent_channels=face.reference_latent.shape[1])
-    return Entangler(config).eval()
+    return Entangler(config).to(device).eval()
 
 
 def entangle(entangler: Entangler, voice: VoiceProfile, face: FaceEncoding,
@@ -170,13 +172,13 @@ def narrate_to_mp4(models: NarrationModels, image: torch.Tensor, voice_clips: li
     face = prepare_face(image, models.landmarker, models.vae_encode, settings.size, models.identity_model, progress)
     if models.entangler is not None:
         entangler = models.entangler
-        if isinstance(entangler, str):
-            entangler = identity_entangler(voice, face, entangler)
+        if isinstance(entangler, str):  # built on the compute device, beside the other models
+            entangler = identity_entangler(voice, face, entangler, next(models.hallo.parameters()).device)
         voice, face = entangle(entangler, voice, face, tokens)
     audio, chunk_starts = speak(models.xtts, tokens, voice, settings.speech, progress)
     features = listen(models.wav2vec, audio, settings.fps, progress)
     clips = animate(models.hallo, face, features, settings.video, models.vae_encode, models.vae_decode, progress)
-    decoded = (models.vae_decode(part) for latents in clips for part in latents.split(DECODE_BATCH))
+    decoded = (models.vae_decode(part) for latents in clips for part in latents.split(settings.decode_batch))
     try:
         av.write_mp4(path, decoded, settings.fps, audio["waveform"][0], audio["sample_rate"],
                      total_frames=features.num_frames, crf=crf, progress=progress)

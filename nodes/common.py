@@ -144,8 +144,18 @@ def patcher(module, size: int = 0):
 
 def load_to_device(model_patcher):
     """Asks ComfyUI's model management for room, moves the model onto the compute device and returns it."""
-    mm.load_models_gpu([model_patcher])
-    return model_patcher.model.model
+    return load_together([model_patcher])[0]
+
+
+def load_together(model_patchers: list) -> list:
+    """Several models onto the compute device in ONE model-management call, so ComfyUI makes room for all of them at
+    once (one call per model can offload the first to fit the next on a small card); returns the modules in order."""
+    mm.load_models_gpu(list(model_patchers))
+    return [p.model.model for p in model_patchers]
+
+
+def compute_device() -> torch.device:
+    return mm.get_torch_device()
 
 
 def checkpoint_choices(folder_name: str, marker: str | None = None, default: str | None = None) -> list[str]:

@@ -13,8 +13,8 @@ from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
 from .common import (CATEGORY, ENTANGLER, FACE, HALLO, TOKENS, VOICE, WAV2VEC, XTTS, checkpoint_choices,
-                     checkpoint_errors, first_image, input_errors, licence_of, locate_checkpoint, output_mp4,
-                     progress_bar, registry_help)
+                     checkpoint_errors, compute_device, first_image, input_errors, licence_of, load_to_device,
+                     load_together, locate_checkpoint, output_mp4, patcher, progress_bar, registry_help)
 from .video import LANDMARKER_DEFAULT, IDENTITY_MODEL, vae_callables
 
 UNTRAINED = {"untrained identity (ETE)": "ETE", "untrained identity (STE)": "STE"}
@@ -22,18 +22,35 @@ UNTRAINED = {"untrained identity (ETE)": "ETE", "untrained identity (STE)": "STE
 
 @dataclass
 class EntanglerHandle:
-    """A trained entangler file, or the mode of an identity-initialised one sized to the voice and face it meets."""
+    """A trained entangler file, or the mode of an identity-initialised one sized to the voice and face it meets.
+    A trained one is read once (by its loader, or at its first use) and then kept under ComfyUI's memory management
+    like the other models, so it runs on the compute device and is not read from disk again while the handle lives
+    (ComfyUI caches the loader's output)."""
     path: str | None
     mode: str
+    patcher: object | None = None
+
+    def managed(self):
+        if self.patcher is None and self.path is not None:
+            self.patcher = patcher(load_entangler(self.path))
+        return self.patcher
 
     def build(self, voice, face):
+        """The entangler on the compute device."""
         if self.path is None:
-            return pipeline.identity_entangler(voice, face, self.mode)
-        return load_entangler(self.path)
+            return pipeline.identity_entangler(voice, face, self.mode, device=compute_device())
+        return load_to_device(self.managed())
 
-    def for_pipeline(self):
-        """What NarrationModels.entangler takes: the trained model, or the mode of an identity one."""
-        return self.mode if self.path is None else load_entangler(self.path)
+
+def narration_models(xtts, hallo, wav2vec, entangler: EntanglerHandle | None):
+    """The Narrate box's models on the compute device, loaded in one model-management call: (xtts, hallo,
+    wav2vec, what NarrationModels.entangler takes: the trained model, an identity mode or None)."""
+    trained = entangler is not None and entangler.path is not None
+    patchers = [xtts.patcher, hallo.patcher, wav2vec.patcher] + ([entangler.managed()] if trained else [])
+    xtts_model, hallo_model, wav2vec_model, *rest = load_together(patchers)
+    if trained:
+        return xtts_model, hallo_model, wav2vec_model, rest[0]
+    return xtts_model, hallo_model, wav2vec_model, None if entangler is None else entangler.mode
 
 
 class LoadEntangler(io.ComfyNode):
@@ -61,8 +78,9 @@ class LoadEntangler(io.ComfyNode):
                                                        "pack's own Apache-2.0 licence"]})
         path = locate_checkpoint("Load Entangler", "entangler", "narrate_entangle", entangler)
         with checkpoint_errors("Load Entangler", "entangler"):
-            mode = load_entangler(path).config.mode  # read once here so a bad file fails at the loader
-        return io.NodeOutput(EntanglerHandle(path, mode), ui={"text": [f"{entangler}: " + licence_of("entangle")]})
+            model = load_entangler(path)  # read once here: a bad file fails at the loader, and ComfyUI caches it
+        return io.NodeOutput(EntanglerHandle(path, model.config.mode, patcher(model)),
+                             ui={"text": [f"{entangler}: " + licence_of("entangle")]})
 
 
 class Entangle(io.ComfyNode):
@@ -186,11 +204,12 @@ class Narrate(io.ComfyNode):
         landmarker_path = locate_checkpoint("Narrate", "landmarker", "narrate_face_analysis", landmarker, None,
                                             registry_help("face-landmarker"))
         encode, decode = vae_callables(vae)
+        xtts_model, hallo_model, wav2vec_model, entangler_model = narration_models(xtts, hallo, wav2vec, entangler)
         models = pipeline.NarrationModels(
-            xtts=xtts.model(), tokenizer=xtts.tokenizer, hallo=hallo.model(), wav2vec=wav2vec.model(),
+            xtts=xtts_model, tokenizer=xtts.tokenizer, hallo=hallo_model, wav2vec=wav2vec_model,
             vae_encode=encode, vae_decode=decode, landmarker=landmarker_path,
             identity_model=folder_paths.get_full_path("narrate_face_analysis", IDENTITY_MODEL),
-            entangler=None if entangler is None else entangler.for_pipeline())
+            entangler=entangler_model)
         settings = pipeline.NarrationSettings(
             language=language, fps=av.exact_fps(fps), size=size,
             speech=SamplingParams(temperature=temperature, speed=speed, seed=seed, max_new_tokens=max_codes or None),

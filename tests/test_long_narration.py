@@ -23,7 +23,8 @@ from test_pipeline import portrait, voice_clip
 sys.path.insert(0, str(REPO / "benchmarks"))
 from narration_memory import measure  # noqa: E402
 
-MAX_LIVE_FRAMES = 2 * pipeline.DECODE_BATCH  # the batch being written and the one being decoded
+DECODE_BATCH = 2  # the decode_batch setting under test (pipeline.DECODE_BATCH is the default)
+MAX_LIVE_FRAMES = 2 * DECODE_BATCH  # the batch being written and the one being decoded
 
 
 def peak_live_frames(models, path) -> tuple[int, int]:
@@ -41,7 +42,8 @@ def peak_live_frames(models, path) -> tuple[int, int]:
     try:
         settings = pipeline.NarrationSettings(fps=Fraction(25), size=64,
                                               speech=SamplingParams(seed=1, max_new_tokens=30),
-                                              video=SamplerSettings(steps=1, cfg=3.5, seed=1))
+                                              video=SamplerSettings(steps=1, cfg=3.5, seed=1),
+                                              decode_batch=DECODE_BATCH)
         with torch.inference_mode():
             result = pipeline.narrate_to_mp4(models, portrait(), [voice_clip()], "One sentence to say.",
                                              str(path), settings)

@@ -6,7 +6,7 @@ Parameter names follow Hallo's `net.pth` (`attn1`, `attn2`, `attn2_0..2`, `zero_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,16 +70,45 @@ class FeedForward(nn.Module):
         return x
 
 
+class ReferenceKVCache:
+    """The reference image's keys and values per reader block, projected once per set of banks.
+
+    The banks are fixed for a whole clip while the UNet runs every denoising step on them, so projecting the
+    reference tokens with `to_k` / `to_v` at each step repeats the same work. An entry is reused only for the very
+    bank tensor it was projected from (the next clip's banks are new tensors, so they are projected afresh), and only
+    without autograd (training sends gradients through the banks). One cache serves a whole video: each block keeps
+    the entry of the latest banks only.
+    """
+
+    def __init__(self):
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def is_current(self, entry: tuple, bank: torch.Tensor) -> bool:
+        return entry[0] is bank
+
+    def projected(self, key: str, bank: torch.Tensor, project: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+        if torch.is_grad_enabled():
+            return project()
+        entry = self.entries.get(key)
+        if entry is None or not self.is_current(entry, bank):
+            entry = (bank, *project())
+            self.entries[key] = entry
+        return entry[1], entry[2]
+
+
 @dataclass
 class ReferenceRead:
     """What one reader block takes from its ReferenceNet twin for the current clip.
 
     `bank` is the writer's `norm1` output for the reference batch `[(b s), L, C]`, s = 1 + motion frames per CFG
     half (image 0 of each half is the reference, the rest are motion frames); `uncond_plain` says the first half of
-    the frame batch is CFG's unconditional half, which attends to itself only.
+    the frame batch is CFG's unconditional half, which attends to itself only. `kv_cache` (with `key`, the block's
+    bank name) keeps the reference keys / values across denoising steps; None projects them at every call.
     """
     bank: torch.Tensor
     uncond_plain: bool
+    kv_cache: Optional[ReferenceKVCache] = None
+    key: str = ""
 
 
 class ReferenceTransformerBlock(nn.Module):
@@ -98,6 +127,11 @@ class ReferenceTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
+    def reference_keys_values(self, bank: torch.Tensor, batch: int, dtype: torch.dtype):
+        """Keys and values of each batch item's reference image (image 0 of its bank rows) -> 2 x [b, L, inner]."""
+        ref = bank.to(dtype).unflatten(0, (batch, -1))[:, 0]
+        return self.attn1.to_k(ref), self.attn1.to_v(ref)
+
     def self_attention(self, x: torch.Tensor, read: ReferenceRead, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         batch = n // frames
@@ -110,9 +144,13 @@ class ReferenceTransformerBlock(nn.Module):
         # so row k reads the reference of half k % b: with CFG the cond half's even frames see the reference image
         # the writer paired with the uncond face tokens. Each reference is projected once, then shared by its rows.
         rows = torch.arange(first, n, device=x.device) % batch
-        ref = bank[:, 0]
-        k_ref = torch.cat([k[first:], attn.to_k(ref)[rows]], dim=1)
-        v_ref = torch.cat([v[first:], attn.to_v(ref)[rows]], dim=1)
+        if read.kv_cache is None:
+            ref_k, ref_v = self.reference_keys_values(read.bank, batch, x.dtype)
+        else:
+            ref_k, ref_v = read.kv_cache.projected(
+                read.key, read.bank, lambda: self.reference_keys_values(read.bank, batch, x.dtype))
+        k_ref = torch.cat([k[first:], ref_k[rows]], dim=1)
+        v_ref = torch.cat([v[first:], ref_v[rows]], dim=1)
         out = attn.attend(q[first:], k_ref, v_ref)
         if first:
             out = torch.cat([attn.attend(q[:first], k[:first], v[:first]), out])
@@ -151,12 +189,12 @@ class ImageTransformer(nn.Module):
         self.bank_key = ""  # this block's name in the ReferenceNet; set by the UNet
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, bank: Optional[torch.Tensor], frames: int,
-                uncond_plain: bool = False):
+                uncond_plain: bool = False, kv_cache: Optional[ReferenceKVCache] = None):
         """x [(b f), C, H, W], context [(b f), T, D], bank: this block's ReferenceNet features (see ReferenceRead) or
         None (no reference) -> (x', motion-frame features [b, M, H*W, C] or None)."""
         _, _, height, width = x.shape
         h = _tokens(self.proj_in(self.norm(x)))
-        read = None if bank is None else ReferenceRead(bank, uncond_plain)
+        read = None if bank is None else ReferenceRead(bank, uncond_plain, kv_cache, self.bank_key)
         h, motion = self.transformer_blocks[0](h, context, read, frames)
         return self.proj_out(_map(h, height, width)) + x, motion
 

@@ -53,12 +53,17 @@ def load_net(net: HalloNet, path: PathLike, motion_module_path: Optional[PathLik
 
 
 def load_hallo(path: PathLike, motion_module_path: Optional[PathLike] = None,
-               dtype: Optional[torch.dtype] = None) -> HalloNet:
+               dtype: Optional[torch.dtype] = None, *, inference_only: bool = True) -> HalloNet:
     """Hallo's Net from `net.pth` (or a safetensors copy) with the SD1.5 + default.yaml layout built into the code.
 
     A JSON file next to the weights with the same name (`<name>.json`, the fixtures' `tiny_config.json` layout)
     describes a non-standard Net, e.g. a reduced one for tests; without it the real Hallo layout is used.
+    inference_only: free the motion modules Hallo's inference never runs (~180 M parameters at full size, see
+    `DenoisingUNet.drop_skipped_motion_modules`); False keeps them for the UNet's eval branch (training).
     """
     sidecar = Path(path).with_suffix(".json")
     config = tiny_config(sidecar) if sidecar.is_file() else HalloConfig()
-    return load_net(build_net(config, device="meta"), path, motion_module_path, dtype)
+    net = load_net(build_net(config, device="meta"), path, motion_module_path, dtype)
+    if inference_only:
+        net.denoising_unet.drop_skipped_motion_modules()
+    return net

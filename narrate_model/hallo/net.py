@@ -81,6 +81,13 @@ def build_net(config: HalloConfig = HalloConfig(), device: Optional[Union[str, t
         return HalloNet(config).eval()
 
 
+def compile_unet(net: HalloNet, backend: str = "inductor", mode: Optional[str] = None) -> HalloNet:
+    """`torch.compile` the denoising UNet in place (its state-dict keys stay as they are). Nothing is compiled here:
+    the first denoising step compiles (minutes at full size), later steps and clips of the same shape reuse it."""
+    net.denoising_unet.compile(backend=backend, mode=mode, dynamic=False)
+    return net
+
+
 def tiny_config(path: Union[str, Path]) -> HalloConfig:
     """Read the reduced Net description of the fixtures (`tiny_config.json`: diffusers-style UNet config +
     unet_additional_kwargs + projection sizes)."""

@@ -23,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import NarrateInputError
 from ..progress import ProgressFn, report
+from .attention import ReferenceKVCache
 from .net import HalloNet
 from .reference import write_banks
 
@@ -55,6 +56,7 @@ class SamplerSettings:
     motion_frames: int = 2
     scheduler: Union[str, SchedulerMixin] = "ddim"  # a name above, a diffusers scheduler class name, or an instance
     motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # pose (full), face, lip audio weights
+    reference_kv_cache: bool = True  # project the reference K/V once per clip, not at every step (same result)
 
 
 @dataclass
@@ -83,14 +85,21 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin] = "ddim") -> SchedulerM
     return cls.from_config(DDIMScheduler(**HALLO_SCHEDULER_CONFIG).config)
 
 
-def diffusers_vae_callables(vae) -> tuple[VaeEncode, VaeDecode]:
-    """`vae_encode` / `vae_decode` for a diffusers `AutoencoderKL` (unscaled latents, pixels [N,H,W,3] 0..1)."""
+TILED_DECODE_ABOVE = 512  # pixels per side: larger frames are decoded in overlapping tiles (diffusers' tiled_decode)
+
+
+def diffusers_vae_callables(vae, tile_above: Optional[int] = TILED_DECODE_ABOVE) -> tuple[VaeEncode, VaeDecode]:
+    """`vae_encode` / `vae_decode` for a diffusers `AutoencoderKL` (unscaled latents, pixels [N,H,W,3] 0..1).
+    Frames larger than `tile_above` pixels a side are decoded tile by tile, so the decoder's activations stay those
+    of a 512x512 frame on a small card (None: never tiled)."""
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).to(vae.device, vae.dtype) * 2 - 1
         return vae.encode(x).latent_dist.mean
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        x = vae.decode(latents.to(vae.device, vae.dtype)).sample
+        z = latents.to(vae.device, vae.dtype)
+        tiled = tile_above is not None and max(z.shape[-2:]) * 8 > tile_above
+        x = (vae.tiled_decode(z) if tiled else vae.decode(z)).sample
         return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     return encode, decode
 
@@ -167,8 +176,10 @@ def _clip_audio_tokens(net: HalloNet, audio: torch.Tensor, cfg: bool) -> torch.T
 @torch.no_grad()
 def denoise_clip(net: HalloNet, scheduler: SchedulerMixin, generator: torch.Generator, cond: ClipConditioning,
                  audio_tokens: torch.Tensor, ref_latents: torch.Tensor, settings: SamplerSettings,
-                 on_step: Optional[Callable[[], None]] = None) -> torch.Tensor:
-    """Denoise one clip. ref_latents: scaled [1 + motion_frames, 4, h, w]. Returns scaled latents [1,4,f,h,w]."""
+                 on_step: Optional[Callable[[], None]] = None,
+                 reference_kv: Optional[ReferenceKVCache] = None) -> torch.Tensor:
+    """Denoise one clip. ref_latents: scaled [1 + motion_frames, 4, h, w]. Returns scaled latents [1,4,f,h,w].
+    reference_kv: a cache to reuse across clips; without one, a fresh one when `settings.reference_kv_cache`."""
     device, dtype = net.device, net.dtype
     h, w = ref_latents.shape[-2:]
     scheduler.set_timesteps(settings.steps, device=device)
@@ -177,12 +188,16 @@ def denoise_clip(net: HalloNet, scheduler: SchedulerMixin, generator: torch.Gene
     noise = torch.randn((1, 4, settings.clip_length, h, w), generator=generator, dtype=dtype)
     latents = noise.to(device, torch.float32) * scheduler.init_noise_sigma
     banks = write_banks(net.reference_unet, ref_latents, cond.face_tokens)  # ReferenceNet once per clip, t = 0
+    if reference_kv is None and settings.reference_kv_cache:
+        reference_kv = ReferenceKVCache()
+    if reference_kv is not None:
+        net.denoising_unet.project_reference(banks, cond.face_tokens.shape[0], reference_kv)
     step_kwargs = _step_kwargs(scheduler, generator)
     for t in scheduler.timesteps:
         x = torch.cat([latents] * 2) if cond.cfg else latents
         x = scheduler.scale_model_input(x, t).to(dtype)
         pred = net.denoising_unet(x, t, cond.face_tokens, audio_tokens, cond.masks, cond.located, banks,
-                                  settings.motion_scale, uncond_plain=cond.cfg).float()
+                                  settings.motion_scale, uncond_plain=cond.cfg, reference_kv=reference_kv).float()
         if cond.cfg:
             uncond, conditioned = pred.chunk(2)
             pred = uncond + settings.cfg * (conditioned - uncond)
@@ -217,6 +232,7 @@ def iter_video_clips(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_win
     reference = ref_latents.to(net.device, torch.float32) * scale
     motion = reference.expand(n_motion, -1, -1, -1)  # first clip: the reference image stands in for the past frames
     total, done = clips * settings.steps, 0
+    reference_kv = ReferenceKVCache() if settings.reference_kv_cache else None  # entries follow each clip's banks
 
     def step_done():
         nonlocal done
@@ -230,7 +246,7 @@ def iter_video_clips(net: HalloNet, face_inputs: FaceInputs, audio_tokens_or_win
         clip_audio = torch.cat([clip_audio, clip_audio[-1:].expand(clip_length - kept, *audio.shape[1:])])
         tokens = _clip_audio_tokens(net, clip_audio, cfg)
         latents = denoise_clip(net, scheduler, generator, cond, tokens, torch.cat([reference, motion]), settings,
-                               on_step=step_done)
+                               on_step=step_done, reference_kv=reference_kv)
         if start + clip_length < frames and n_motion:
             # Hallo feeds the last generated frames back through pixels: decode, then encode again
             tail = latents[0, :, -n_motion:].transpose(0, 1) / scale

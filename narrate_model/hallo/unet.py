@@ -28,7 +28,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AudioTransformer, GroupNorm, ImageTransformer
+from .attention import AudioTransformer, GroupNorm, ImageTransformer, ReferenceKVCache
 from .motion import MotionModule, MotionModuleConfig
 
 CHECKPOINTING_MODES = (None, "reentrant", "non_reentrant")
@@ -67,6 +67,7 @@ class StepContext:
     uncond_plain: bool
     motion_frames_branch: bool = True
     checkpointing: Optional[str] = None
+    reference_kv: Optional[ReferenceKVCache] = None
 
     def bank(self, key: str) -> Optional[torch.Tensor]:
         return None if self.banks is None else self.banks[key]
@@ -139,7 +140,8 @@ class CrossAttnLayers(nn.Module):
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         x = ctx.run(self.resnets[i], x, ctx.temb, ctx.frames)
         attention = self.attentions[i]
-        x, motion = ctx.run(attention, x, ctx.face_tokens, ctx.bank(attention.bank_key), ctx.frames, ctx.uncond_plain)
+        x, motion = ctx.run(attention, x, ctx.face_tokens, ctx.bank(attention.bank_key), ctx.frames, ctx.uncond_plain,
+                            ctx.reference_kv)
         x = ctx.run(self.audio_modules[i], x, ctx.audio, ctx.masks, ctx.motion_scale)
         if len(self.motion_modules):
             prefix = ctx.motion_prefix(motion, x) if ctx.motion_frames_branch else None
@@ -219,7 +221,8 @@ class MidBlock(nn.Module):
         # never checkpointed, and the motion frames are used in both branches (as Hallo's mid block)
         x = self.resnets[0](x, ctx.temb, ctx.frames)
         attention = self.attentions[0]
-        x, motion = attention(x, ctx.face_tokens, ctx.bank(attention.bank_key), ctx.frames, ctx.uncond_plain)
+        x, motion = attention(x, ctx.face_tokens, ctx.bank(attention.bank_key), ctx.frames, ctx.uncond_plain,
+                              ctx.reference_kv)
         x = self.audio_modules[0](x, ctx.audio, ctx.masks, ctx.motion_scale)
         if len(self.motion_modules):
             x = self.motion_modules[0](x, ctx.frames, ctx.motion_prefix(motion, x))
@@ -324,13 +327,25 @@ class DenoisingUNet(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, ImageTransformer):
                 module.bank_key = f"{name}.transformer_blocks.0"
+        self.skipped_motion_modules_dropped = False
 
     def drop_skipped_motion_modules(self) -> None:
         """Free the motion modules of `DownBlock3D` / `UpBlock3D`, which Hallo's inference never runs (~180 M numbers
         at full size). Outputs are unchanged; the state dict then lacks their net.pth keys."""
         for block in (*self.down_blocks, *self.up_blocks):
-            if isinstance(block, (DownBlock, UpBlock)):
+            if isinstance(block, (DownBlock, UpBlock)) and len(block.motion_modules):
                 block.motion_modules = nn.ModuleList()
+                self.skipped_motion_modules_dropped = True
+
+    def project_reference(self, banks: Mapping[str, torch.Tensor], halves: int, cache: ReferenceKVCache) -> None:
+        """Fill `cache` with every reader block's reference keys / values for these banks (`halves` batch items),
+        ahead of the steps: the steps then only read it (and a compiled UNet sees one cache state, one graph)."""
+        dtype = self.conv_in.weight.dtype
+        for module in self.modules():
+            if isinstance(module, ImageTransformer):
+                block, bank = module.transformer_blocks[0], banks[module.bank_key]
+                cache.projected(module.bank_key, bank,
+                                lambda: block.reference_keys_values(bank, halves, dtype))
 
     def reference_block_names(self) -> list[str]:
         return [m.bank_key for m in self.modules() if isinstance(m, ImageTransformer)]
@@ -339,7 +354,7 @@ class DenoisingUNet(nn.Module):
                 masks: Sequence[Sequence[torch.Tensor]], mask_cond_fea: Optional[torch.Tensor] = None,
                 banks: Optional[Mapping[str, torch.Tensor]] = None, motion_scale: Sequence[float] = (1.0, 1.0, 1.0),
                 uncond_plain: bool = False, motion_frames_branch: bool = True,
-                checkpointing: Optional[str] = None) -> torch.Tensor:
+                checkpointing: Optional[str] = None, reference_kv: Optional[ReferenceKVCache] = None) -> torch.Tensor:
         """One denoising call.
 
         sample [b, 4, f, h, w] (scaled latents); timestep scalar; face_tokens [b, T, D]; audio_tokens [b, f, N, Da];
@@ -350,10 +365,16 @@ class DenoisingUNet(nn.Module):
         motion_frames_branch: Hallo's training branch (inference's); False = its eval branch (see the module doc).
         checkpointing: None, "reentrant" (Hallo's: a segment whose explicit inputs need no gradient passes none on)
           or "non_reentrant" (every trainable weight used gets its gradient); applies only while autograd records.
+        reference_kv: keeps the banks' reference keys / values from step to step (see `ReferenceKVCache`).
         Returns the model output [b, 4, f, h, w] (v-prediction for Hallo).
         """
         if checkpointing not in CHECKPOINTING_MODES:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {checkpointing!r}")
+        if not motion_frames_branch and self.skipped_motion_modules_dropped:
+            # the eval branch runs the motion modules of DownBlock3D / UpBlock3D: without them it would silently
+            # compute something else
+            raise ValueError("motion_frames_branch=False needs the motion modules that drop_skipped_motion_modules "
+                             "freed; load the Net with load_hallo(..., inference_only=False)")
         b, _, frames, height, width = sample.shape
         dtype = self.conv_in.weight.dtype
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
@@ -366,7 +387,7 @@ class DenoisingUNet(nn.Module):
             audio=audio_tokens.to(dtype).flatten(0, 1),
             masks=[[m.to(dtype) for m in region] for region in masks],
             motion_scale=motion_scale, banks=banks, uncond_plain=uncond_plain,
-            motion_frames_branch=motion_frames_branch, checkpointing=checkpointing)
+            motion_frames_branch=motion_frames_branch, checkpointing=checkpointing, reference_kv=reference_kv)
 
         x = self.conv_in(sample.to(dtype).transpose(1, 2).flatten(0, 1))
         if mask_cond_fea is not None:
