@@ -17,7 +17,7 @@ from ..narrate_model.progress import checked
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
 from .common import (CATEGORY, HALLO, WAV2VEC, XTTS, checkpoint_choices, first_image, input_errors,
-                     locate_checkpoint, output_mp4, progress_bar, registry_help)
+                     load_together, locate_checkpoint, output_mp4, progress_bar, registry_help)
 from .video import IDENTITY_MODEL, LANDMARKER_DEFAULT, vae_callables
 
 SPEAKER = io.Custom("NFY_SPEAKER")
@@ -147,8 +147,9 @@ class Dialogue(io.ComfyNode):
         connected = [slot for slot in slots if speaker_inputs.get(slot) is not None]
         speakers = [speaker_inputs[slot] for slot in connected]
         encode, decode = vae_callables(vae)
-        models = DialogueModels(xtts=xtts.model(), tokenizer=xtts.tokenizer, hallo=hallo.model(),
-                                wav2vec=wav2vec.model(), vae_encode=encode, vae_decode=decode,
+        xtts_model, hallo_model, wav2vec_model = load_together([xtts.patcher, hallo.patcher, wav2vec.patcher])
+        models = DialogueModels(xtts=xtts_model, tokenizer=xtts.tokenizer, hallo=hallo_model,
+                                wav2vec=wav2vec_model, vae_encode=encode, vae_decode=decode,
                                 vae_module=getattr(vae, "first_stage_model", None))
         settings = DialogueSettings(
             layout=layout, gap=gap, fps=av.exact_fps(fps), size=size,
