@@ -17,7 +17,7 @@ from ..narrate_model.weights import sha256_file
 from ..narrate_model.xtts.dvae import load_dvae, load_mel_stats
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
 from .common import (CATEGORY, ENTANGLER, HALLO, WAV2VEC, XTTS, checkpoint_choices, checkpoint_errors, input_errors,
-                     locate_checkpoint, model_folder, registry_help)
+                     locate_checkpoint, model_folder, patcher, registry_help)
 from .narrate import EntanglerHandle
 from .video import IDENTITY_MODEL, LANDMARKER_DEFAULT, vae_callables
 
@@ -137,7 +137,7 @@ class Personalize(io.ComfyNode):
         clip = lib.frames_to_clip(images, fps, audio["waveform"][0], audio["sample_rate"])
         try:
             with input_errors(NODE), torch.inference_mode(False), torch.enable_grad():
-                net = hallo.model() if "video" in config.loss_weights else None
+                net = hallo.model()
                 done = lib.personalize(models, net, clip, text, model_folder("narrate_entangle"), name,
                                        run_dir, PrepareSettings(size=size, voice_seconds=voice_seconds,
                                                                 language=language), config, start,
@@ -150,8 +150,9 @@ class Personalize(io.ComfyNode):
         mm.throw_exception_if_processing_interrupted()  # cancelled: the weights so far are saved; the graph stops
         losses = ", ".join(f"{k} {v:.4g}" for k, v in done.result.train_losses.items())
         summary = f"{done.result.steps} steps ({losses}) -> {done.entangler.name}"
-        mode = load_entangler(str(done.entangler)).config.mode
-        return io.NodeOutput(EntanglerHandle(str(done.entangler), mode), ui={"text": [summary]})
+        trained = load_entangler(str(done.entangler))
+        return io.NodeOutput(EntanglerHandle(str(done.entangler), trained.config.mode, patcher(trained)),
+                             ui={"text": [summary]})
 
 
 NODES = [Personalize]

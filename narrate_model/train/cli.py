@@ -87,7 +87,7 @@ def _progress(done: int, total: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointSaveError
     from .loop import TrainingError, train
-    from .objective import ObjectiveUnavailable, build_run
+    from .objective import build_run
 
     main_process = os.environ.get("RANK", "0") == "0"
     if not logging.getLogger().handlers:
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                        resume=bool(args.resume), progress=_progress if main_process else None,
                        collate=setup.collate, manifest_sha256=setup.manifest_sha256,
                        base_checkpoints=setup.base_checkpoints)
-    except (ObjectiveUnavailable, TrainingError, CheckpointSaveError, ValueError) as exc:
+    except (TrainingError, CheckpointSaveError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     if main_process:

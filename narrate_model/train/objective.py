@@ -16,7 +16,6 @@ timestep, dropout, vocoder window) comes from torch's global generator, which th
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -29,20 +28,14 @@ from torch import Tensor, nn
 
 from ..entangle import Entangler, EntanglerConfig, FaceConditioning, VoiceConditioning, load_entangler
 from ..errors import NarrateInputError
+from . import video_loss
 from .audio_loss import AudioBatch, AudioLossWeights, audio_loss
 from .config import TrainConfig
 
-PARTS = {"audio_loss": "XTTS's audio loss (GPT cross-entropy + spectrogram MSE)",
-         "video_loss": "Hallo's stage-2 video loss (v-prediction, min-SNR)",
-         "data": "the prepared-dataset reader (python -m narrate_model prepare)"}
 LATENT_SCALE = 0.18215          # SD VAE scaling: the dataset caches unscaled moments, the UNet works scaled
 VOCODER_WINDOW = 64             # codes voiced per clip for the spectrogram term (~3 s; bounds HiFi-GAN's memory)
 HALLO_PATHS = ("narrate/hallo/net.safetensors", "narrate/hallo/net.pth")
 VAL_EVERY_NTH = 10              # with >= 10 samples, every 10th is held out for validation
-
-
-class ObjectiveUnavailable(RuntimeError):
-    """This build cannot compute NFY's training objective."""
 
 
 @dataclass
@@ -55,18 +48,6 @@ class TrainingSetup:
     manifest_sha256: Optional[str] = None
     base_checkpoints: Mapping[str, str] = field(default_factory=dict)   # name -> SHA-256 of each base file
     collate: Callable = list
-
-
-def missing_parts() -> list[str]:
-    return [name for name in PARTS if importlib.util.find_spec(f"{__package__}.{name}") is None]
-
-
-def _video_module():
-    if importlib.util.find_spec(f"{__package__}.video_loss") is None:
-        raise ObjectiveUnavailable("the video term needs narrate_model/train/video_loss.py (Hallo's stage-2 loss), "
-                                   "which this build lacks; train the audio term alone with --loss-weights audio=1")
-    from . import video_loss
-    return video_loss
 
 
 # ----------------------------------------------------------------------------------------------- one micro-batch
@@ -143,7 +124,7 @@ class NFYObjective(nn.Module):
         if "video" in self.weights:
             if hallo is None:
                 raise ValueError("the video term needs a Hallo Net (or train with loss_weights audio=1 only)")
-            self.video = _video_module()
+            self.video = video_loss
             self.video_config = video_config or self.video.VideoLossConfig()
             self.scheduler = self.video.make_train_scheduler()
             self.vae_decode = vae_decode
@@ -314,5 +295,5 @@ def _vae_decoder(path: Path, device) -> Callable[[Tensor], Tensor]:
     return decode
 
 
-__all__ = ["NFYObjective", "TrainingSetup", "ObjectiveUnavailable", "build_objective", "build_run",
-           "entangler_inputs", "make_entangler", "video_window", "missing_parts"]
+__all__ = ["NFYObjective", "TrainingSetup", "build_objective", "build_run",
+           "entangler_inputs", "make_entangler", "video_window"]
