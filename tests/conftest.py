@@ -1,6 +1,8 @@
 """Shared test set-up: paths to the project's shared fixtures and media, and the real ComfyUI server fixture."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import sys
 from pathlib import Path
@@ -12,6 +14,21 @@ SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 MEDIA = SHARED / "media"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers: comfy_server, ...
+
+
+@contextlib.contextmanager
+def heap_frozen():
+    """For the CPU-gap measurements of Cancel: the objects this pytest process has piled up over hundreds of tests
+    are put out of the garbage collector's reach while a measurement runs, so a full collection of them is not
+    charged to the code under test (measured: a 0.36 s gap in the whole suite; with 3 M live objects 0.82 s inside a
+    training step, 0.08 s with them frozen). What that code allocates is still collected. The wall-clock Cancel
+    bound on a real server is measured without this."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from narrate_model.xtts import speech
 from narrate_model.xtts.sampling import SamplingParams
 from narrate_model.xtts.text import tokenize
 from narrate_model.xtts.voice import encode_voice
+from conftest import heap_frozen
 from small_checkpoints import small_narration_models
 from test_pipeline import portrait, voice_clip
 
@@ -55,7 +56,7 @@ def longest_gap(run) -> tuple[float, str]:
     def progress(done, total):
         marks.append((time.process_time(), f"{done}/{total}"))
 
-    with torch.inference_mode():
+    with torch.inference_mode(), heap_frozen():
         run(progress)
     marks.append((time.process_time(), "end"))
     return max((b[0] - a[0], f"{a[1]} -> {b[1]}") for a, b in zip(marks, marks[1:]))

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from conftest import MEDIA  # noqa: E402
+from conftest import MEDIA, heap_frozen  # noqa: E402
 from narrate_model.entangle import load_entangler  # noqa: E402
 from narrate_model.errors import NarrateInputError  # noqa: E402
 from narrate_model.train import checkpoint, loop  # noqa: E402
@@ -391,9 +391,11 @@ def _cancelled_run(prepared, run_dir, stop_at: float):
         marks.append((time.process_time(), "check"))
         polls[done[-1]] = polls.get(done[-1], 0) + 1
         return done[-1] == 1 and polls[1] >= stop_at * polls[0]
-    result = train(config, setup.objective, setup.trainable, setup.train_items, [], run_dir, collate=setup.collate,
-                   should_stop=should_stop,
-                   progress=lambda d, t: (done.append(d), marks.append((time.process_time(), "step reported"))))
+    with heap_frozen():
+        marks[0] = (time.process_time(), "start")
+        result = train(config, setup.objective, setup.trainable, setup.train_items, [], run_dir, collate=setup.collate,
+                       should_stop=should_stop,
+                       progress=lambda d, t: (done.append(d), marks.append((time.process_time(), "step reported"))))
     return result, setup.objective.entangler, marks, time.process_time() - marks[-1][0], polls
 
 
