@@ -1,6 +1,5 @@
 """Hallo's GPU-path savings keep the results: unused motion modules are not loaded, the reference K/V cache gives
 the uncached video, and the optional torch.compile of the UNet gives the eager output."""
-import json
 
 import pytest
 import torch
