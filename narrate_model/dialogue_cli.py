@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shlex
 import sys
 from pathlib import Path
 
-from .client import ComfyClient, ExecutionFailed, HeadlessServer
+from .client import ComfyClient, ExecutionFailed
 from .dialogue.script import MAX_SPEAKERS
-from .narrate_cli import WORKFLOWS, _value, headless_args, prepare, require_pack
+from .narrate_cli import WORKFLOWS, connect, prepare, require_pack, with_sets
 
 TEMPLATE = "dialogue"
 LOADERS = ("3", "4", "5", "6")  # the template's Load XTTS-v2, Load VAE, Load Hallo, Load wav2vec2
@@ -90,19 +89,11 @@ def run(args) -> int:
     dialogue_prompt(json.loads((WORKFLOWS / f"{TEMPLATE}.json").read_text()),
                     [(n, "", "", {}) for n, *_ in speakers], "")  # the cast's own checks, before any server starts
     settings = {f"{DIALOGUE}.layout": args.layout} | ({"seed": args.seed} if args.seed is not None else {})
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected INPUT=VALUE")
-        settings[key] = _value(value)
+    with_sets(settings, args.set)
 
     server = None
     try:
-        if args.comfyui:
-            server = HeadlessServer(args.comfyui, headless_args(shlex.split(args.comfyui_args))).start()
-            url = server.url
-        else:
-            url = args.server or "http://127.0.0.1:8188"
+        server, url = connect(args)
         client = ComfyClient(url)
         template = json.loads((WORKFLOWS / f"{TEMPLATE}.json").read_text())
         require_pack(client, template, server)

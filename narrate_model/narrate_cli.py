@@ -42,6 +42,24 @@ def _value(text: str):
         return text
 
 
+def with_sets(settings: dict, items: list[str]) -> dict:
+    """`settings` updated with each `--set INPUT=VALUE` (VALUE read as JSON where it parses, else as text)."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected INPUT=VALUE")
+        settings[key] = _value(value)
+    return settings
+
+
+def connect(args) -> tuple[HeadlessServer | None, str]:
+    """(the headless ComfyUI started here for --comfyui, for the caller to stop, or None; the URL to queue on)."""
+    if args.comfyui:
+        server = HeadlessServer(args.comfyui, headless_args(shlex.split(args.comfyui_args))).start()
+        return server, server.url
+    return None, args.server or "http://127.0.0.1:8188"
+
+
 def prepare(prompt: dict, settings: dict[str, object], uploads: dict[str, str]) -> dict:
     """Sets inputs: `settings` maps "input" (every node that has it) or "node.input" to a value; `uploads` maps
     LoadImage / LoadAudio to an uploaded file name."""
@@ -110,19 +128,11 @@ def run(args) -> int:
         raise SystemExit(f"the {args.workflow} workflow animates a portrait: give it with --image")
     settings = {"language": args.language} | ({"text": text} if text is not None else {})
     settings |= {"seed": args.seed} if args.seed is not None else {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected INPUT=VALUE")
-        settings[key] = _value(value)
+    with_sets(settings, args.set)
 
     server = None
     try:
-        if args.comfyui:
-            server = HeadlessServer(args.comfyui, headless_args(shlex.split(args.comfyui_args))).start()
-            url = server.url
-        else:
-            url = args.server or "http://127.0.0.1:8188"
+        server, url = connect(args)
         client = ComfyClient(url)
         require_pack(client, prompt, server)
         uploads = {"LoadAudio": client.upload(args.voice)}

@@ -12,12 +12,13 @@ from ..narrate_model import av
 from ..narrate_model.dialogue import compose
 from ..narrate_model.dialogue.run import DialogueModels, DialogueSettings, dialogue_to_mp4, encode_speaker
 from ..narrate_model.dialogue.script import MAX_SPEAKERS
-from ..narrate_model.hallo.sampler import SCHEDULER_NAMES, SamplerSettings
+from ..narrate_model.hallo.sampler import SamplerSettings
 from ..narrate_model.progress import checked
 from ..narrate_model.xtts.sampling import SamplingParams
 from ..narrate_model.xtts.text import SUPPORTED_LANGUAGES
-from .common import (CATEGORY, HALLO, WAV2VEC, XTTS, checkpoint_choices, first_image, input_errors,
+from .common import (CATEGORY, XTTS, checkpoint_choices, first_image, input_errors,
                      load_together, locate_checkpoint, output_mp4, progress_bar, registry_help)
+from .narrate import cascade_model_inputs, video_sampler_inputs
 from .video import IDENTITY_MODEL, LANDMARKER_DEFAULT, vae_callables
 
 SPEAKER = io.Custom("NFY_SPEAKER")
@@ -81,7 +82,7 @@ def _srt_path(mp4: str) -> str:
 class Dialogue(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        speech, video = SamplingParams(), SamplerSettings()
+        speech = SamplingParams()
         return io.Schema(
             node_id="NFY_Dialogue", display_name="Dialogue (script + speakers -> one video)",
             category=f"{CATEGORY}/dialogue",
@@ -90,10 +91,7 @@ class Dialogue(io.ComfyNode):
                         "with the number of turns. Compute grows with the speakers visible: 'cut' generates only "
                         "the active speaker, side_by_side and grid generate every speaker all the time.",
             inputs=[
-                XTTS.Input("xtts", tooltip="From Load XTTS-v2."),
-                HALLO.Input("hallo", tooltip="From Load Hallo."),
-                WAV2VEC.Input("wav2vec", tooltip="From Load wav2vec2."),
-                io.Vae.Input("vae", tooltip="Hallo's VAE (sd-vae-ft-mse) from core Load VAE."),
+                *cascade_model_inputs(),
                 io.String.Input("script", multiline=True, default=EXAMPLE_SCRIPT,
                                 tooltip="One turn per line, 'NAME: text'. Blank lines are ignored, '[pause 1.5]' "
                                         "inserts 1.5 s of silence, a line without a name continues the speaker "
@@ -113,11 +111,7 @@ class Dialogue(io.ComfyNode):
                 io.Int.Input("size", default=512, min=64, max=1024, step=64,
                              tooltip="Each speaker's square panel in pixels (Hallo: 512); side_by_side is that "
                                      "many pixels high and one panel wide per speaker."),
-                io.Int.Input("steps", default=video.steps, min=1, max=200, tooltip="Denoising steps (Hallo: 40)."),
-                io.Float.Input("cfg", default=video.cfg, min=1.0, max=20.0, step=0.1,
-                               tooltip="Classifier-free guidance of the video (Hallo: 3.5)."),
-                io.Combo.Input("scheduler", options=list(SCHEDULER_NAMES), default="ddim",
-                               tooltip="Video scheduler; ddim is Hallo's."),
+                *video_sampler_inputs(),
                 io.Float.Input("temperature", default=speech.temperature, min=0.01, max=2.0, step=0.01,
                                tooltip="Speech sampling temperature."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,

@@ -53,6 +53,24 @@ def narration_models(xtts, hallo, wav2vec, entangler: EntanglerHandle | None):
     return xtts_model, hallo_model, wav2vec_model, None if entangler is None else entangler.mode
 
 
+def cascade_model_inputs() -> list:
+    """The model sockets of the boxes that run the whole cascade (Narrate, Dialogue)."""
+    return [XTTS.Input("xtts", tooltip="From Load XTTS-v2."),
+            HALLO.Input("hallo", tooltip="From Load Hallo."),
+            WAV2VEC.Input("wav2vec", tooltip="From Load wav2vec2."),
+            io.Vae.Input("vae", tooltip="Hallo's VAE (sd-vae-ft-mse) from core Load VAE.")]
+
+
+def video_sampler_inputs() -> list:
+    """Those boxes' video sampler settings, at Hallo's defaults."""
+    video = SamplerSettings()
+    return [io.Int.Input("steps", default=video.steps, min=1, max=200, tooltip="Denoising steps (Hallo: 40)."),
+            io.Float.Input("cfg", default=video.cfg, min=1.0, max=20.0, step=0.1,
+                           tooltip="Classifier-free guidance of the video (Hallo: 3.5)."),
+            io.Combo.Input("scheduler", options=list(SCHEDULER_NAMES), default="ddim",
+                           tooltip="Video scheduler; ddim is Hallo's.")]
+
+
 class LoadEntangler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -142,7 +160,7 @@ class StreamToMP4(io.ComfyNode):
 class Narrate(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        speech, video = SamplingParams(), SamplerSettings()
+        speech = SamplingParams()
         return io.Schema(
             node_id="NFY_Narrate", display_name="Narrate (portrait + voice + text -> talking video)",
             category=f"{CATEGORY}/narrate",
@@ -150,10 +168,7 @@ class Narrate(io.ComfyNode):
                         "animates the portrait to the speech and streams the .mp4 to disk (memory stays flat "
                         "however long the text).",
             inputs=[
-                XTTS.Input("xtts", tooltip="From Load XTTS-v2."),
-                HALLO.Input("hallo", tooltip="From Load Hallo."),
-                WAV2VEC.Input("wav2vec", tooltip="From Load wav2vec2."),
-                io.Vae.Input("vae", tooltip="Hallo's VAE (sd-vae-ft-mse) from core Load VAE."),
+                *cascade_model_inputs(),
                 io.Image.Input("image", tooltip="The portrait to animate."),
                 io.Audio.Input("voice", tooltip="A few seconds (3-30) of the person's voice."),
                 io.String.Input("text", multiline=True, default="Hello! This is my voice, narrating for you.",
@@ -164,11 +179,7 @@ class Narrate(io.ComfyNode):
                                tooltip="Video frames per second (Hallo: 25)."),
                 io.Int.Input("size", default=512, min=64, max=1024, step=64,
                              tooltip="Video width and height (Hallo: 512)."),
-                io.Int.Input("steps", default=video.steps, min=1, max=200, tooltip="Denoising steps (Hallo: 40)."),
-                io.Float.Input("cfg", default=video.cfg, min=1.0, max=20.0, step=0.1,
-                               tooltip="Classifier-free guidance of the video (Hallo: 3.5)."),
-                io.Combo.Input("scheduler", options=list(SCHEDULER_NAMES), default="ddim",
-                               tooltip="Video scheduler; ddim is Hallo's."),
+                *video_sampler_inputs(),
                 io.Float.Input("temperature", default=speech.temperature, min=0.01, max=2.0, step=0.01,
                                tooltip="Speech sampling temperature."),
                 io.Float.Input("speed", default=speech.speed, min=0.25, max=4.0, step=0.05,

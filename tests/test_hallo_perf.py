@@ -1,17 +1,16 @@
 """Hallo's GPU-path savings keep the results: unused motion modules are not loaded, the reference K/V cache gives
 the uncached video, and the optional torch.compile of the UNet gives the eager output."""
-import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from conftest import FIXTURES
+from test_hallo_sampler import vae  # noqa: F401 (the fixture VAE)
 from narrate_model.hallo import attention, sampler
 from narrate_model.hallo.checkpoint import load_hallo
-from narrate_model.hallo.sampler import FaceInputs, SamplerSettings, diffusers_vae_callables, sample_video
+from narrate_model.hallo.sampler import FaceInputs, SamplerSettings, sample_video
 
 HALLO = FIXTURES / "hallo"
 LEVELS = (16, 8, 4, 2)
@@ -24,14 +23,6 @@ def net_path(tmp_path_factory):
     (folder / "tiny.safetensors").symlink_to(HALLO / "tiny_net.safetensors")
     (folder / "tiny.json").symlink_to(HALLO / "tiny_config.json")
     return folder / "tiny.safetensors"
-
-
-@pytest.fixture(scope="module")
-def vae():
-    config = json.loads((HALLO / "tiny_config.json").read_text())["tiny_vae"]["config"]
-    model = AutoencoderKL(**config)
-    model.load_state_dict(load_file(str(HALLO / "tiny_vae.safetensors")))
-    return diffusers_vae_callables(model.eval())
 
 
 @pytest.fixture(scope="module")
