@@ -111,7 +111,8 @@ def test_overfit_one_sample_halves_the_loss_and_leaves_the_base_models_bit_ident
     after = result.val_losses
     ratio = after["total"] / before["total"]
     print(f"overfit: total {before['total']:.3f} -> {after['total']:.3f} (x{ratio:.3f}); {before} -> {after}")
-    # measured: total 5.877 -> 2.396 (x0.408; audio 55.59 -> 20.91, video 0.318 -> 0.305 at the fixed draws)
+    # measured: total 5.877 -> 2.396 (x0.408; audio 55.59 -> 20.91, video 0.318 -> 0.305 at the fixed draws); on
+    # another x86-64 CPU (other float kernels) 5.877 -> 2.506 (x0.426)
     assert ratio <= 0.5
     assert _changed(frozen, setup.objective) == []  # XTTS and Hallo untouched after 50 steps
     assert result.entangler is not None and json.loads(result.card.read_text())["base_checkpoints"]["xtts"] == \
