@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import random
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +33,8 @@ from narrate_model.train.config import TrainConfig  # noqa: E402
 from narrate_model.train.lora import LoRA, add_lora, apply_adapters, save_adapters  # noqa: E402
 from narrate_model.train.loop import TrainingError, train, weighted_total  # noqa: E402
 from narrate_model.train.trainable import load_trained_modules, select_trainable  # noqa: E402
-from train_support import log_rows, max_loss_diff, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
+from train_support import (launch_two_processes, log_rows, max_loss_diff,  # noqa: E402
+                           one_thread)  # noqa: F401 (one_thread: autouse fixture)
 
 TINY = EntanglerConfig(gpt_dim=16, vocab_size=40, latent_channels=4, mask_channels=2, patch_size=2, speaker_dim=8,
                        identity_dim=8, width=16, heads=2)
@@ -165,13 +165,7 @@ def _worker(out: Path) -> None:
 def test_two_processes_match_one_with_double_accumulation(tmp_path):
     port = 29500 + os.getpid() % 1000
     net_log = tmp_path / "network.log"  # the tests' network guard: loopback only, attempts logged
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "netguard"), str(REPO),
-                                                                      os.environ.get("PYTHONPATH")])),
-           "NFY_NETGUARD_LOG": str(net_log), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
-               "127.0.0.1", "--main_process_port", str(port), __file__, str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = launch_two_processes(__file__, [tmp_path], net_log, port, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not net_log.exists(), net_log.read_text()
     card = json.loads((tmp_path / "two" / "entangler.card.json").read_text())

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -37,7 +36,8 @@ from narrate_model.train import checkpoint, loop  # noqa: E402
 from narrate_model.train.config import TrainConfig  # noqa: E402
 from narrate_model.train.loop import seed_everything, train  # noqa: E402
 from narrate_model.train.objective import build_objective, build_run  # noqa: E402
-from train_support import log_rows, max_loss_diff, one_thread  # noqa: E402,F401 (one_thread: autouse fixture)
+from train_support import (launch_two_processes, log_rows, max_loss_diff,  # noqa: E402
+                           one_thread)  # noqa: F401 (one_thread: autouse fixture)
 
 HAS_VIDEO = importlib.util.find_spec("narrate_model.train.video_loss") is not None
 AUDIO_ONLY = {"audio": 1.0}
@@ -336,13 +336,7 @@ def test_two_processes_on_the_full_objective_match_one_with_double_accumulation(
                                 for k, v in prepared.items()}))
     port = 29500 + (os.getpid() + 500) % 1000
     net_log = tmp_path / "network.log"  # the tests' network guard: loopback only, attempts logged
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "netguard"), str(REPO),
-                                                                      os.environ.get("PYTHONPATH")])),
-           "NFY_NETGUARD_LOG": str(net_log), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
-               "127.0.0.1", "--main_process_port", str(port), __file__, str(spec), str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = launch_two_processes(__file__, [spec, tmp_path], net_log, port, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not net_log.exists(), net_log.read_text()
     assert json.loads((tmp_path / "two" / "entangler.card.json").read_text())["processes"] == 2
